@@ -1,0 +1,208 @@
+//! Every NATS subject devsync uses, built here and nowhere else.
+//!
+//! | subject | who publishes | who reads |
+//! |---|---|---|
+//! | `devsync.in.<device>.<kind>` | devices | `DEVSYNC_IN` -> requestor |
+//! | `devsync.req.<lane>.<device>` | requestor, reconciler (stages) | `DEVSYNC_REQ` (stored as `devsync.req.<lane>.<partition>.<device>`) -> reconciler |
+//! | `devsync.fanout.push.<device>`, `devsync.fanout.wave.<campaign>` | reconciler, requestor | `DEVSYNC_FANOUT` -> fan-out |
+//! | `devsync.audit.<service>` | every service | `DEVSYNC_AUDIT` -> audit |
+//! | `devsync.dlq.<stream>` | worker loops, DLQ sweeper | `DEVSYNC_DLQ` -> operators |
+//! | `devsync.out.<device>.desired` | fan-out | the device |
+//! | `devsync.inbox.<device>.>` | services answering a device | the device (its own inbox prefix) |
+
+use crate::ids::{DeviceId, IdError, ServiceName};
+use crate::model::{Lane, MessageKind, Partition, PartitionCount};
+use crate::{CampaignId, names};
+
+/// Root of every devsync subject.
+pub const ROOT: &str = "devsync";
+
+/// Everything devices publish (the subjects of `DEVSYNC_IN`).
+pub const INGRESS_ALL: &str = "devsync.in.>";
+/// Everything the reconciler consumes, as published (before partitioning).
+pub const REQUEST_INPUT: &str = "devsync.req.*.*";
+/// Everything for the fan-out service.
+pub const FANOUT_ALL: &str = "devsync.fanout.>";
+/// Every audit event.
+pub const AUDIT_ALL: &str = "devsync.audit.>";
+/// Every dead letter.
+pub const DLQ_ALL: &str = "devsync.dlq.>";
+/// JetStream advisories raised when a message ran out of deliveries.
+pub const MAX_DELIVERIES_ADVISORIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
+
+/// Where `device` publishes messages of `kind`.
+pub fn ingress(device: &DeviceId, kind: MessageKind) -> String {
+    format!("devsync.in.{device}.{kind}")
+}
+
+/// Everything `device` may publish (its NATS publish permission).
+pub fn ingress_of(device: &DeviceId) -> String {
+    format!("devsync.in.{device}.>")
+}
+
+/// Why an ingress subject could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject {subject:?} is not of the form {expected}")]
+    Shape {
+        subject: String,
+        expected: &'static str,
+    },
+    #[error("subject {subject:?}: {source}")]
+    Device { subject: String, source: IdError },
+    #[error("subject {subject:?}: partition {token:?} is not a number")]
+    Partition { subject: String, token: String },
+}
+
+/// Splits `devsync.in.<device>.<kind>` into the device and the kind token. The kind is
+/// returned raw so the caller can answer an unknown kind with its own clear error.
+pub fn parse_ingress(subject: &str) -> Result<(DeviceId, &str), SubjectError> {
+    let shape = || SubjectError::Shape {
+        subject: subject.to_owned(),
+        expected: "devsync.in.<device>.<kind>",
+    };
+    let mut tokens = subject.split('.');
+    if tokens.next() != Some(ROOT) || tokens.next() != Some("in") {
+        return Err(shape());
+    }
+    let (Some(device), Some(kind), None) = (tokens.next(), tokens.next(), tokens.next()) else {
+        return Err(shape());
+    };
+    let device = DeviceId::parse(device).map_err(|source| SubjectError::Device {
+        subject: subject.to_owned(),
+        source,
+    })?;
+    Ok((device, kind))
+}
+
+/// Where a sync request about `device` is published.
+pub fn request(lane: Lane, device: &DeviceId) -> String {
+    format!("devsync.req.{lane}.{device}")
+}
+
+/// The `DEVSYNC_REQ` subject transform destination: it inserts the device's partition.
+pub fn request_transform_destination(partitions: PartitionCount) -> String {
+    format!(
+        "devsync.req.{{{{wildcard(1)}}}}.{{{{partition({},2)}}}}.{{{{wildcard(2)}}}}",
+        partitions.get()
+    )
+}
+
+/// The filter of the consumer that owns `partition` of `lane`.
+pub fn request_partition_filter(lane: Lane, partition: Partition) -> String {
+    format!("devsync.req.{lane}.{partition}.*")
+}
+
+/// Splits a stored request subject `devsync.req.<lane>.<partition>.<device>`.
+pub fn parse_request(subject: &str) -> Result<(Lane, Partition, DeviceId), SubjectError> {
+    let shape = || SubjectError::Shape {
+        subject: subject.to_owned(),
+        expected: "devsync.req.<lane>.<partition>.<device>",
+    };
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let [ROOT, "req", lane, partition, device] = tokens[..] else {
+        return Err(shape());
+    };
+    let lane: Lane = lane.parse().map_err(|_| shape())?;
+    let partition = partition
+        .parse::<u16>()
+        .map(Partition)
+        .map_err(|_| SubjectError::Partition {
+            subject: subject.to_owned(),
+            token: partition.to_owned(),
+        })?;
+    let device = DeviceId::parse(device).map_err(|source| SubjectError::Device {
+        subject: subject.to_owned(),
+        source,
+    })?;
+    Ok((lane, partition, device))
+}
+
+/// A push of new desired state for `device`, to the fan-out service.
+pub fn fanout_push(device: &DeviceId) -> String {
+    format!("devsync.fanout.push.{device}")
+}
+
+/// A campaign wave, to the fan-out service.
+pub fn fanout_wave(campaign: &CampaignId) -> String {
+    format!("devsync.fanout.wave.{campaign}")
+}
+
+/// Where `service` publishes its audit events.
+pub fn audit(service: ServiceName) -> String {
+    format!("devsync.audit.{service}")
+}
+
+/// Where dead letters from `stream` go: `devsync.dlq.<stream in lowercase>`.
+pub fn dlq(stream: &str) -> String {
+    format!("devsync.dlq.{}", stream.to_ascii_lowercase())
+}
+
+/// The JetStream advisory raised when `consumer` of `stream` ran out of deliveries.
+pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
+}
+
+/// Where the fan-out notifies `device` of a new desired version.
+pub fn device_desired(device: &DeviceId) -> String {
+    format!("devsync.out.{device}.desired")
+}
+
+/// Everything `device` may subscribe to besides its inbox (its NATS subscribe permission).
+pub fn device_out(device: &DeviceId) -> String {
+    format!("devsync.out.{device}.>")
+}
+
+/// The inbox prefix a device uses for request/reply, so no device can read another's replies.
+pub fn device_inbox_prefix(device: &DeviceId) -> String {
+    format!("devsync.inbox.{device}")
+}
+
+/// The stream names are re-exported here for code that only deals with subjects.
+pub use names::ALL_STREAMS;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn ingress_round_trip() {
+        let s = ingress(&dev("d-1"), MessageKind::Report);
+        assert_eq!(s, "devsync.in.d-1.report");
+        let (device, kind) = parse_ingress(&s).unwrap();
+        assert_eq!(device, dev("d-1"));
+        assert_eq!(kind, "report");
+        assert!(parse_ingress("devsync.in.d-1").is_err());
+        assert!(parse_ingress("devsync.in.d-1.report.extra").is_err());
+        assert!(parse_ingress("other.in.d-1.report").is_err());
+    }
+
+    #[test]
+    fn request_subjects() {
+        assert_eq!(request(Lane::Rt, &dev("x")), "devsync.req.rt.x");
+        assert_eq!(
+            request_partition_filter(Lane::Bulk, Partition(7)),
+            "devsync.req.bulk.7.*"
+        );
+        assert_eq!(
+            request_transform_destination(PartitionCount::new(64).unwrap()),
+            "devsync.req.{{wildcard(1)}}.{{partition(64,2)}}.{{wildcard(2)}}"
+        );
+        let (lane, partition, device) = parse_request("devsync.req.rt.12.abc").unwrap();
+        assert_eq!((lane, partition, device), (Lane::Rt, Partition(12), dev("abc")));
+        assert!(parse_request("devsync.req.rt.x.abc").is_err());
+        assert!(parse_request("devsync.req.zz.1.abc").is_err());
+    }
+
+    #[test]
+    fn other_subjects() {
+        assert_eq!(dlq("DEVSYNC_REQ"), "devsync.dlq.devsync_req");
+        assert_eq!(audit(ServiceName::Fanout), "devsync.audit.fanout");
+        assert_eq!(device_desired(&dev("a")), "devsync.out.a.desired");
+        assert_eq!(device_inbox_prefix(&dev("a")), "devsync.inbox.a");
+    }
+}
