@@ -1,0 +1,104 @@
+//! devsync's PostgreSQL store: the schema, as versioned migrations embedded in every binary,
+//! and the connection pool.
+//!
+//! Schema (see `migrations/`): `devices` with desired and reported JSON documents and their
+//! monotonic versions; `desired_history`; `desired_changes` (captured by trigger from any
+//! change of `desired`, plain SQL included) and `relay_cursors`; `processed_requests` for
+//! idempotency; `outbox` for outputs published after commit; campaigns and their per-device
+//! status; `audit_events`, partitioned by day.
+//!
+//! Migrations run under a PostgreSQL advisory lock, so replicas starting together apply them
+//! once.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Advisory lock key held while migrating ("devsync" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6465_7673_796e_63;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database url: {0}")]
+    Url(tokio_postgres::Error),
+    #[error("cannot connect to postgres: {0}")]
+    Connect(tokio_postgres::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] refinery::Error),
+    #[error("postgres: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("connection pool: {0}")]
+    Pool(String),
+}
+
+/// A migration that was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub version: i32,
+    pub name: String,
+}
+
+/// Applies every pending migration to the database at `url`; returns what was applied
+/// (nothing when the schema is current).
+pub async fn migrate(url: &str) -> Result<Vec<Applied>, StoreError> {
+    let config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
+    let (mut client, connection) = config.connect(NoTls).await.map_err(StoreError::Connect)?;
+    let driver = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "migration connection ended");
+        }
+    });
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let report = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(&mut client)
+        .await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    drop(client);
+    let _ = driver.await;
+    let applied = report?
+        .applied_migrations()
+        .iter()
+        .map(|m| Applied {
+            version: m.version() as i32,
+            name: m.name().to_owned(),
+        })
+        .collect::<Vec<_>>();
+    for migration in &applied {
+        tracing::info!(version = migration.version, name = %migration.name, "migration applied");
+    }
+    Ok(applied)
+}
+
+/// The migrations built into this binary, as (version, name).
+pub fn known_migrations() -> Vec<(i32, String)> {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| (m.version() as i32, m.name().to_owned()))
+        .collect()
+}
+
+/// A connection pool of at most `size` connections to `url`.
+pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
+    let config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|e| StoreError::Pool(e.to_string()))
+}
