@@ -392,7 +392,7 @@ impl Default for TopologySettings {
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             max_ack_pending: 5000,
-            pin_timeout: Duration::from_secs(5),
+            pin_timeout: Duration::from_secs(6),
             member_ttl: Duration::from_secs(10),
         }
     }
@@ -419,7 +419,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             batch_size: 256,
-            pull_expires: Duration::from_secs(5),
+            pull_expires: Duration::from_secs(2),
             retry_min_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(60),
         }
@@ -532,6 +532,12 @@ impl CommonSettings {
             return Err(ConfigError::invalid(
                 "worker.pull_expires",
                 "must be at least 1s and shorter than topology.ack_wait",
+            ));
+        }
+        if self.worker.pull_expires * 2 > t.pin_timeout {
+            return Err(ConfigError::invalid(
+                "topology.pin_timeout",
+                "must be at least twice worker.pull_expires, or pinned partitions flap",
             ));
         }
         if self.worker.retry_min_delay > self.worker.retry_max_delay {

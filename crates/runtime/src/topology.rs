@@ -509,6 +509,11 @@ fn differ<T: PartialEq + fmt::Debug>(
     }
 }
 
+/// The server reports "no limit" as -1 whatever was sent (0 or -1).
+fn unlimited(value: i64) -> i64 {
+    if value <= 0 { -1 } else { value }
+}
+
 /// Returns (differences the server can change in place, differences it cannot).
 fn stream_diff(want: &stream::Config, have: &stream::Config) -> (Vec<Difference>, Vec<Difference>) {
     let mut fixable = Vec::new();
@@ -526,8 +531,8 @@ fn stream_diff(want: &stream::Config, have: &stream::Config) -> (Vec<Difference>
     differ(
         &mut fixable,
         "max_msgs_per_subject",
-        &want.max_messages_per_subject,
-        &have.max_messages_per_subject,
+        &unlimited(want.max_messages_per_subject),
+        &unlimited(have.max_messages_per_subject),
     );
     differ(
         &mut fixable,
@@ -538,8 +543,8 @@ fn stream_diff(want: &stream::Config, have: &stream::Config) -> (Vec<Difference>
     differ(
         &mut fixable,
         "max_msg_size",
-        &want.max_message_size,
-        &have.max_message_size,
+        &unlimited(i64::from(want.max_message_size)),
+        &unlimited(i64::from(have.max_message_size)),
     );
     differ(&mut fixable, "num_replicas", &want.num_replicas, &have.num_replicas);
     differ(
@@ -560,7 +565,12 @@ fn stream_diff(want: &stream::Config, have: &stream::Config) -> (Vec<Difference>
 
 fn kv_diff(want: &kv::Config, have: &stream::Config) -> Vec<Difference> {
     let mut out = Vec::new();
-    differ(&mut out, "history", &want.history, &have.max_messages_per_subject);
+    differ(
+        &mut out,
+        "history",
+        &unlimited(want.history),
+        &unlimited(have.max_messages_per_subject),
+    );
     differ(&mut out, "max_age", &want.max_age, &have.max_age);
     differ(&mut out, "num_replicas", &want.num_replicas, &have.num_replicas);
     out
@@ -587,7 +597,12 @@ fn consumer_diff(
     differ(&mut fixable, "filter_subject", &want.filter_subject, &have.filter_subject);
     differ(&mut fixable, "ack_wait", &want.ack_wait, &have.ack_wait);
     differ(&mut fixable, "max_deliver", &want.max_deliver, &have.max_deliver);
-    differ(&mut fixable, "max_ack_pending", &want.max_ack_pending, &have.max_ack_pending);
+    differ(
+        &mut fixable,
+        "max_ack_pending",
+        &unlimited(want.max_ack_pending),
+        &unlimited(have.max_ack_pending),
+    );
     differ(&mut fixable, "backoff", &want.backoff, &have.backoff);
     if want.priority_policy == PriorityPolicy::PinnedClient {
         differ(

@@ -1,0 +1,111 @@
+//! Configuration layering (default < file < environment) and one-line errors naming the
+//! setting, with the environment given as data (no process environment is touched).
+
+use std::io::Write;
+use std::time::Duration;
+
+use devsync_runtime::config::{self, CommonSettings, ConfigSources, LogFormat};
+
+fn file(contents: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(contents.as_bytes()).unwrap();
+    file
+}
+
+#[test]
+fn defaults_apply_without_file_or_environment() {
+    let settings: CommonSettings =
+        config::load(&ConfigSources::from_pairs(None, Vec::<(String, String)>::new())).unwrap();
+    assert_eq!(settings, CommonSettings::default());
+    assert_eq!(settings.topology.partitions.get(), 64);
+}
+
+#[test]
+fn file_overrides_defaults_and_environment_overrides_file() {
+    let toml = file(
+        r#"
+        [nats]
+        url = "nats://file:4222"
+        [log]
+        format = "json"
+        level = "debug"
+        [topology]
+        partitions = 16
+        ack_wait = "45s"
+        "#,
+    );
+    let sources = ConfigSources::from_pairs(
+        Some(toml.path()),
+        [
+            ("DEVSYNC_NATS__URL", "nats://env:4222"),
+            ("DEVSYNC_TOPOLOGY__ACK_WAIT", "1m"),
+            ("DEVSYNC_DATABASE__POOL_SIZE", "3"),
+            ("DEVSYNC_DATABASE__URL", "postgres://u:secret@db/devsync"),
+            ("UNRELATED", "ignored"),
+        ],
+    );
+    let settings: CommonSettings = config::load(&sources).unwrap();
+    assert_eq!(settings.nats.url, "nats://env:4222", "env beats file");
+    assert_eq!(settings.log.format, LogFormat::Json, "file beats default");
+    assert_eq!(settings.log.level, "debug");
+    assert_eq!(settings.topology.partitions.get(), 16);
+    assert_eq!(settings.topology.ack_wait, Duration::from_secs(60));
+    assert_eq!(settings.database.pool_size, 3);
+    assert!(
+        !format!("{settings:?}").contains("secret"),
+        "secrets never appear in debug output"
+    );
+}
+
+#[test]
+fn conventional_aliases_are_below_devsync_variables() {
+    let sources = ConfigSources::from_pairs(
+        None,
+        [
+            ("DATABASE_URL", "postgres://alias/db"),
+            ("NATS_URL", "nats://alias:4222"),
+            ("DEVSYNC_NATS__URL", "nats://devsync:4222"),
+        ],
+    );
+    let settings: CommonSettings = config::load(&sources).unwrap();
+    assert_eq!(settings.database.url.expose(), "postgres://alias/db");
+    assert_eq!(settings.nats.url, "nats://devsync:4222");
+}
+
+#[test]
+fn a_bad_value_gets_one_line_naming_the_setting() {
+    let sources = ConfigSources::from_pairs(None, [("DEVSYNC_TOPOLOGY__PARTITIONS", "lots")]);
+    let err = config::load::<CommonSettings>(&sources).unwrap_err().to_string();
+    assert!(
+        err.starts_with("setting topology.partitions (DEVSYNC_TOPOLOGY__PARTITIONS):"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "{err}");
+
+    let sources = ConfigSources::from_pairs(None, [("DEVSYNC_TOPOLOGY__PARTITIONS", "0")]);
+    let err = config::load::<CommonSettings>(&sources).unwrap_err().to_string();
+    assert!(err.contains("between 1 and 1024"), "{err}");
+
+    let sources = ConfigSources::from_pairs(None, [("DEVSYNC_DATABASE__URL", "mysql://x")]);
+    let err = config::load::<CommonSettings>(&sources).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "setting database.url (DEVSYNC_DATABASE__URL): must start with postgres:// or postgresql://"
+    );
+
+    let toml = file("[worker]\nbatch_size = \"many\"\n");
+    let err = config::load::<CommonSettings>(&ConfigSources::from_pairs(
+        Some(toml.path()),
+        Vec::<(String, String)>::new(),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("setting worker.batch_size"), "{err}");
+
+    let missing = ConfigSources::from_pairs(
+        Some(std::path::Path::new("/nonexistent/devsync.toml")),
+        Vec::<(String, String)>::new(),
+    );
+    let err = config::load::<CommonSettings>(&missing).unwrap_err().to_string();
+    assert_eq!(err, "config file /nonexistent/devsync.toml: no such file");
+}

@@ -1,0 +1,147 @@
+//! Migrations against a real PostgreSQL: they apply to an empty database, a second run applies
+//! nothing, and the schema's triggers capture desired-state changes made with plain SQL.
+
+use devsync_testkit::TestDb;
+use serde_json::json;
+
+#[tokio::test]
+async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
+    let db = TestDb::create_empty(false).await;
+    let applied = devsync_store::migrate(&db.url).await.unwrap();
+    let known = devsync_store::known_migrations();
+    assert_eq!(applied.len(), known.len());
+    assert!(known.len() >= 3);
+
+    let again = devsync_store::migrate(&db.url).await.unwrap();
+    assert!(again.is_empty(), "second run applied {again:?}");
+
+    let client = db.pool.get().await.unwrap();
+    for table in [
+        "devices",
+        "desired_history",
+        "desired_changes",
+        "relay_cursors",
+        "processed_requests",
+        "outbox",
+        "campaigns",
+        "campaign_devices",
+        "audit_events",
+    ] {
+        let row = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(0), "table {table} exists");
+    }
+    let partitions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit_events'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(partitions >= 7, "audit partitions created ahead: {partitions}");
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_once() {
+    let db = TestDb::create_empty(false).await;
+    let (a, b) = tokio::join!(devsync_store::migrate(&db.url), devsync_store::migrate(&db.url));
+    let total = a.unwrap().len() + b.unwrap().len();
+    assert_eq!(total, devsync_store::known_migrations().len());
+}
+
+#[tokio::test]
+async fn plain_sql_changes_of_desired_state_are_versioned_and_captured() {
+    let db = TestDb::create().await;
+    let client = db.pool.get().await.unwrap();
+    client
+        .execute(
+            "INSERT INTO devices (id, desired) VALUES ('d1', $1), ('d2', '{}')",
+            &[&json!({"fw": "1.0"})],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE devices SET desired = desired || '{\"fw\": \"1.1\"}' WHERE id = 'd1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    // A no-op update changes nothing.
+    client
+        .execute("UPDATE devices SET labels = '{\"a\": \"b\"}' WHERE id = 'd1'", &[])
+        .await
+        .unwrap();
+
+    let row = client
+        .query_one("SELECT desired_version, desired FROM devices WHERE id = 'd1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert_eq!(row.get::<_, serde_json::Value>(1), json!({"fw": "1.1"}));
+
+    let history = client
+        .query(
+            "SELECT version, desired, source FROM desired_history WHERE device_id = 'd1' ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].get::<_, serde_json::Value>(1), json!({"fw": "1.1"}));
+    assert_eq!(history[1].get::<_, String>(2), "sql");
+
+    let changes = client
+        .query(
+            "SELECT device_id, desired_version, bulk FROM desired_changes ORDER BY txid, id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let changes: Vec<(String, i64, bool)> = changes
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        changes,
+        vec![("d1".into(), 1, false), ("d1".into(), 2, false)],
+        "d2 had no desired state, the label edit changed nothing"
+    );
+
+    // One statement changing many devices goes to the bulk lane.
+    client
+        .execute(
+            "INSERT INTO devices (id) SELECT 'bulk-' || g FROM generate_series(1, 150) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE devices SET desired = '{\"mode\": \"eco\"}' WHERE id LIKE 'bulk-%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let bulk: i64 = client
+        .query_one("SELECT count(*) FROM desired_changes WHERE bulk", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bulk, 150);
+
+    // Invalid input is refused by the schema with a clear error.
+    let err = client
+        .execute("INSERT INTO devices (id) VALUES ('bad.id')", &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("devices_id_check"), "{err:?}");
+    let err = client
+        .execute("UPDATE devices SET desired = '[1]' WHERE id = 'd1'", &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("devices_desired_check"), "{err:?}");
+}
