@@ -131,9 +131,10 @@ impl NatsServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        let mut child = command
-            .spawn()
-            .map_err(LocalError::io(format!("start {}", options.binary.display())))?;
+        let mut child = command.spawn().map_err(LocalError::io(format!(
+            "start {}",
+            options.binary.display()
+        )))?;
         let ports = poll(Duration::from_secs(15), || {
             if let Ok(Some(status)) = child.try_wait() {
                 return Some(Err(status));

@@ -38,10 +38,10 @@ pub fn find_bindir() -> Result<PathBuf, LocalError> {
     }
     if let Some(initdb) = find_in_path("initdb") {
         let resolved = std::fs::canonicalize(&initdb).unwrap_or(initdb);
-        if let Some(dir) = resolved.parent() {
-            if dir.join("pg_ctl").is_file() {
-                return Ok(dir.to_path_buf());
-            }
+        if let Some(dir) = resolved.parent()
+            && dir.join("pg_ctl").is_file()
+        {
+            return Ok(dir.to_path_buf());
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -99,7 +99,10 @@ impl PostgresCluster {
         std::fs::create_dir_all(&options.dir).map_err(LocalError::io("create postgres dir"))?;
         if let Some(user) = &run_as {
             // The unprivileged user must own the directory and reach it.
-            run(Command::new("chown").arg("-R").arg(user).arg(&options.dir), "chown")?;
+            run(
+                Command::new("chown").arg("-R").arg(user).arg(&options.dir),
+                "chown",
+            )?;
             let mut dir = options.dir.clone();
             while let Some(parent) = dir.parent() {
                 if parent.as_os_str().is_empty() || parent == Path::new("/") {
@@ -186,19 +189,22 @@ impl PostgresCluster {
     /// Stops the cluster: `fast` waits for clients to go, otherwise an immediate shutdown.
     pub fn stop(&self, fast: bool) -> Result<(), LocalError> {
         let mut stop = self.command("pg_ctl");
-        stop.arg("-D")
-            .arg(&self.data)
-            .args(["-m", if fast { "fast" } else { "immediate" }, "-w", "stop"]);
+        stop.arg("-D").arg(&self.data).args([
+            "-m",
+            if fast { "fast" } else { "immediate" },
+            "-w",
+            "stop",
+        ]);
         run(&mut stop, "pg_ctl stop").map(|_| ())
     }
 }
 
 impl Drop for PostgresCluster {
     fn drop(&mut self) {
-        if self.stop_on_drop {
-            if let Err(error) = self.stop(true) {
-                tracing::warn!(%error, "cannot stop postgres");
-            }
+        if self.stop_on_drop
+            && let Err(error) = self.stop(true)
+        {
+            tracing::warn!(%error, "cannot stop postgres");
         }
     }
 }

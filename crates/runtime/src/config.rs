@@ -128,9 +128,8 @@ impl EnvProvider {
 
 impl Provider for EnvProvider {
     fn metadata(&self) -> Metadata {
-        Metadata::named("environment").interpolater(|_: &Profile, keys: &[&str]| {
-            env_name(&keys.join("."))
-        })
+        Metadata::named("environment")
+            .interpolater(|_: &Profile, keys: &[&str]| env_name(&keys.join(".")))
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -181,20 +180,25 @@ pub fn load<S: Settings>(sources: &ConfigSources) -> Result<S, ConfigError> {
         figment = figment.merge(Toml::file_exact(path));
     }
     figment = figment.merge(EnvProvider::new(sources));
-    let settings: S = figment.extract_lossy().map_err(|err| from_figment(err, sources))?;
+    let settings: S = figment
+        .extract_lossy()
+        .map_err(|err| from_figment(err, sources))?;
     settings.validate()?;
     Ok(settings)
 }
 
 fn from_figment(err: figment::Error, sources: &ConfigSources) -> ConfigError {
-    let err = err.into_iter().next().expect("a figment error has at least one entry");
-    if err.path.is_empty() {
-        if let Some(path) = &sources.file {
-            return ConfigError::File {
-                path: path.clone(),
-                message: err.kind.to_string(),
-            };
-        }
+    let err = err
+        .into_iter()
+        .next()
+        .expect("a figment error has at least one entry");
+    if err.path.is_empty()
+        && let Some(path) = &sources.file
+    {
+        return ConfigError::File {
+            path: path.clone(),
+            message: err.kind.to_string(),
+        };
     }
     let key = err.path.join(".");
     ConfigError::Value {
@@ -474,7 +478,10 @@ impl CommonSettings {
             return Err(ConfigError::invalid("nats.url", "must not be empty"));
         }
         if self.nats.password.is_some() && self.nats.user.is_none() {
-            return Err(ConfigError::invalid("nats.user", "is required with nats.password"));
+            return Err(ConfigError::invalid(
+                "nats.user",
+                "is required with nats.password",
+            ));
         }
         if self.nats.creds_file.is_some() && self.nats.user.is_some() {
             return Err(ConfigError::invalid(
@@ -490,9 +497,17 @@ impl CommonSettings {
             ));
         }
         if self.database.pool_size == 0 {
-            return Err(ConfigError::invalid("database.pool_size", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "database.pool_size",
+                "must be at least 1",
+            ));
         }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
             return Err(ConfigError::invalid(
                 "log.level",
                 format!("{:?} is not a valid filter directive", self.log.level),
@@ -500,13 +515,22 @@ impl CommonSettings {
         }
         let t = &self.topology;
         if !(1..=5).contains(&t.replicas) {
-            return Err(ConfigError::invalid("topology.replicas", "must be between 1 and 5"));
+            return Err(ConfigError::invalid(
+                "topology.replicas",
+                "must be between 1 and 5",
+            ));
         }
         if t.max_deliver < 2 {
-            return Err(ConfigError::invalid("topology.max_deliver", "must be at least 2"));
+            return Err(ConfigError::invalid(
+                "topology.max_deliver",
+                "must be at least 2",
+            ));
         }
         if t.ack_wait < Duration::from_secs(1) {
-            return Err(ConfigError::invalid("topology.ack_wait", "must be at least 1s"));
+            return Err(ConfigError::invalid(
+                "topology.ack_wait",
+                "must be at least 1s",
+            ));
         }
         if t.max_pending_per_device < 1 {
             return Err(ConfigError::invalid(

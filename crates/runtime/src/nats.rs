@@ -31,18 +31,16 @@ pub async fn connect_with(
     name: &str,
     options: ConnectOptions,
 ) -> Result<Client, ConnectError> {
-    let mut options = match &settings.creds_file {
-        Some(path) => {
-            options
-                .credentials_file(path)
-                .await
-                .map_err(|source| ConnectError::Credentials {
+    let mut options =
+        match &settings.creds_file {
+            Some(path) => options.credentials_file(path).await.map_err(|source| {
+                ConnectError::Credentials {
                     path: path.display().to_string(),
                     source,
-                })?
-        }
-        None => options,
-    };
+                }
+            })?,
+            None => options,
+        };
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
         options = options.user_and_password(user.clone(), password.expose().to_owned());
     }

@@ -58,7 +58,10 @@ pub fn tracer_provider(
         .with_service_name(service.to_owned())
         .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if sources.var(ENV_OTLP_ENDPOINT).is_some_and(|v| !v.is_empty()) {
+    if sources
+        .var(ENV_OTLP_ENDPOINT)
+        .is_some_and(|v| !v.is_empty())
+    {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()

@@ -200,7 +200,9 @@ impl Topology {
     pub fn streams(&self) -> Vec<stream::Config> {
         let s = &self.settings;
         let ingress = stream::Config {
-            description: Some("what devices publish; per-device cap on unprocessed messages".into()),
+            description: Some(
+                "what devices publish; per-device cap on unprocessed messages".into(),
+            ),
             max_messages_per_subject: s.max_pending_per_device,
             discard_new_per_subject: true,
             ..self.work_stream(names::STREAM_IN, vec![subjects::INGRESS_ALL.into()])
@@ -546,7 +548,12 @@ fn stream_diff(want: &stream::Config, have: &stream::Config) -> (Vec<Difference>
         &unlimited(i64::from(want.max_message_size)),
         &unlimited(i64::from(have.max_message_size)),
     );
-    differ(&mut fixable, "num_replicas", &want.num_replicas, &have.num_replicas);
+    differ(
+        &mut fixable,
+        "num_replicas",
+        &want.num_replicas,
+        &have.num_replicas,
+    );
     differ(
         &mut fixable,
         "subject_transform",
@@ -559,7 +566,12 @@ fn stream_diff(want: &stream::Config, have: &stream::Config) -> (Vec<Difference>
         &want.allow_message_ttl,
         &have.allow_message_ttl,
     );
-    differ(&mut fixable, "allow_direct", &want.allow_direct, &have.allow_direct);
+    differ(
+        &mut fixable,
+        "allow_direct",
+        &want.allow_direct,
+        &have.allow_direct,
+    );
     (fixable, fixed)
 }
 
@@ -572,14 +584,24 @@ fn kv_diff(want: &kv::Config, have: &stream::Config) -> Vec<Difference> {
         &unlimited(have.max_messages_per_subject),
     );
     differ(&mut out, "max_age", &want.max_age, &have.max_age);
-    differ(&mut out, "num_replicas", &want.num_replicas, &have.num_replicas);
+    differ(
+        &mut out,
+        "num_replicas",
+        &want.num_replicas,
+        &have.num_replicas,
+    );
     out
 }
 
 fn object_diff(want: &object_store::Config, have: &stream::Config) -> Vec<Difference> {
     let mut out = Vec::new();
     differ(&mut out, "max_age", &want.max_age, &have.max_age);
-    differ(&mut out, "num_replicas", &want.num_replicas, &have.num_replicas);
+    differ(
+        &mut out,
+        "num_replicas",
+        &want.num_replicas,
+        &have.num_replicas,
+    );
     out
 }
 
@@ -591,12 +613,37 @@ fn consumer_diff(
     let mut fixable = Vec::new();
     let mut fixed = Vec::new();
     differ(&mut fixed, "ack_policy", &want.ack_policy, &have.ack_policy);
-    differ(&mut fixed, "deliver_policy", &want.deliver_policy, &have.deliver_policy);
-    differ(&mut fixed, "priority_policy", &want.priority_policy, &have.priority_policy);
-    differ(&mut fixed, "priority_groups", &want.priority_groups, &have.priority_groups);
-    differ(&mut fixable, "filter_subject", &want.filter_subject, &have.filter_subject);
+    differ(
+        &mut fixed,
+        "deliver_policy",
+        &want.deliver_policy,
+        &have.deliver_policy,
+    );
+    differ(
+        &mut fixed,
+        "priority_policy",
+        &want.priority_policy,
+        &have.priority_policy,
+    );
+    differ(
+        &mut fixed,
+        "priority_groups",
+        &want.priority_groups,
+        &have.priority_groups,
+    );
+    differ(
+        &mut fixable,
+        "filter_subject",
+        &want.filter_subject,
+        &have.filter_subject,
+    );
     differ(&mut fixable, "ack_wait", &want.ack_wait, &have.ack_wait);
-    differ(&mut fixable, "max_deliver", &want.max_deliver, &have.max_deliver);
+    differ(
+        &mut fixable,
+        "max_deliver",
+        &want.max_deliver,
+        &have.max_deliver,
+    );
     differ(
         &mut fixable,
         "max_ack_pending",

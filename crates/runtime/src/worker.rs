@@ -363,7 +363,8 @@ impl Worker {
             .batch_size
             .get_or_create(&consumer_labels)
             .observe(batch.len() as f64);
-        let span = tracing::debug_span!("batch", consumer = %self.spec.consumer, size = batch.len());
+        let span =
+            tracing::debug_span!("batch", consumer = %self.spec.consumer, size = batch.len());
         let outcomes = {
             let work = handler.handle(&batch).instrument(span);
             tokio::pin!(work);
@@ -406,7 +407,10 @@ impl Worker {
         let message = &delivery.message;
         let result = match outcome {
             Outcome::Ack => {
-                self.metrics.messages.get_or_create(&self.labels("acked")).inc();
+                self.metrics
+                    .messages
+                    .get_or_create(&self.labels("acked"))
+                    .inc();
                 message.ack().await
             }
             Outcome::Retry(reason) if delivery.delivered >= max_deliver => {
@@ -422,7 +426,10 @@ impl Worker {
                     %reason,
                     "retrying message"
                 );
-                self.metrics.messages.get_or_create(&self.labels("retried")).inc();
+                self.metrics
+                    .messages
+                    .get_or_create(&self.labels("retried"))
+                    .inc();
                 message.ack_with(AckKind::Nak(Some(delay))).await
             }
             Outcome::Reject(reason) => {
@@ -447,7 +454,10 @@ impl Worker {
         };
         match dlq::publish(&self.js, original, reason).await {
             Ok(()) => {
-                self.metrics.messages.get_or_create(&self.labels(outcome)).inc();
+                self.metrics
+                    .messages
+                    .get_or_create(&self.labels(outcome))
+                    .inc();
                 if let Err(error) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(seq = delivery.stream_sequence, %error, "cannot terminate message");
                 }

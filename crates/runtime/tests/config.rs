@@ -14,8 +14,11 @@ fn file(contents: &str) -> tempfile::NamedTempFile {
 
 #[test]
 fn defaults_apply_without_file_or_environment() {
-    let settings: CommonSettings =
-        config::load(&ConfigSources::from_pairs(None, Vec::<(String, String)>::new())).unwrap();
+    let settings: CommonSettings = config::load(&ConfigSources::from_pairs(
+        None,
+        Vec::<(String, String)>::new(),
+    ))
+    .unwrap();
     assert_eq!(settings, CommonSettings::default());
     assert_eq!(settings.topology.partitions.get(), 64);
 }
@@ -75,7 +78,9 @@ fn conventional_aliases_are_below_devsync_variables() {
 #[test]
 fn a_bad_value_gets_one_line_naming_the_setting() {
     let sources = ConfigSources::from_pairs(None, [("DEVSYNC_TOPOLOGY__PARTITIONS", "lots")]);
-    let err = config::load::<CommonSettings>(&sources).unwrap_err().to_string();
+    let err = config::load::<CommonSettings>(&sources)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.starts_with("setting topology.partitions (DEVSYNC_TOPOLOGY__PARTITIONS):"),
         "{err}"
@@ -83,11 +88,15 @@ fn a_bad_value_gets_one_line_naming_the_setting() {
     assert!(!err.contains('\n'), "{err}");
 
     let sources = ConfigSources::from_pairs(None, [("DEVSYNC_TOPOLOGY__PARTITIONS", "0")]);
-    let err = config::load::<CommonSettings>(&sources).unwrap_err().to_string();
+    let err = config::load::<CommonSettings>(&sources)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("between 1 and 1024"), "{err}");
 
     let sources = ConfigSources::from_pairs(None, [("DEVSYNC_DATABASE__URL", "mysql://x")]);
-    let err = config::load::<CommonSettings>(&sources).unwrap_err().to_string();
+    let err = config::load::<CommonSettings>(&sources)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "setting database.url (DEVSYNC_DATABASE__URL): must start with postgres:// or postgresql://"
@@ -106,6 +115,8 @@ fn a_bad_value_gets_one_line_naming_the_setting() {
         Some(std::path::Path::new("/nonexistent/devsync.toml")),
         Vec::<(String, String)>::new(),
     );
-    let err = config::load::<CommonSettings>(&missing).unwrap_err().to_string();
+    let err = config::load::<CommonSettings>(&missing)
+        .unwrap_err()
+        .to_string();
     assert_eq!(err, "config file /nonexistent/devsync.toml: no such file");
 }

@@ -68,13 +68,22 @@ async fn second_declaration_changes_nothing_and_assets_match_the_design() {
         for partition in PartitionCount::new(8).unwrap().all() {
             let name = names::reconcile_consumer(lane, partition);
             let consumer = req.consumer_info(&name).await.unwrap();
-            assert_eq!(consumer.config.priority_policy, PriorityPolicy::PinnedClient);
-            assert_eq!(consumer.config.priority_groups, vec![names::RECONCILE_GROUP]);
+            assert_eq!(
+                consumer.config.priority_policy,
+                PriorityPolicy::PinnedClient
+            );
+            assert_eq!(
+                consumer.config.priority_groups,
+                vec![names::RECONCILE_GROUP]
+            );
             assert_eq!(
                 consumer.config.filter_subject,
                 subjects::request_partition_filter(lane, partition)
             );
-            assert!(consumer.config.backoff.is_empty(), "backoff would replace ack_wait");
+            assert!(
+                consumer.config.backoff.is_empty(),
+                "backoff would replace ack_wait"
+            );
         }
     }
     for bucket in [names::KV_DESIRED, names::KV_MEMBERS, names::KV_CONFIG] {

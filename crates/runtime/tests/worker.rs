@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use devsync_proto::Message as _;
 use devsync_proto::v1::DeadLetter;
+use devsync_runtime::Shutdown;
 use devsync_runtime::config::TopologySettings;
 use devsync_runtime::dlq::AdvisorySweeper;
 use devsync_runtime::retry::RetryPolicy;
 use devsync_runtime::topology::Topology;
 use devsync_runtime::worker::{self, Delivery, Handler, Outcome, WorkerMetrics, WorkerSpec};
-use devsync_runtime::Shutdown;
 use devsync_testkit::{TestNats, wait_for};
 use devsync_types::{PartitionCount, names};
 use futures::StreamExt;
@@ -148,17 +148,29 @@ async fn outcomes_are_acked_retried_and_dead_lettered() {
     let letters = dead_letters(&js).await;
     assert_eq!(letters.len(), 2, "{letters:#?}");
 
-    let poison = letters.iter().find(|l| &l.original[..] == b"poison").unwrap();
+    let poison = letters
+        .iter()
+        .find(|l| &l.original[..] == b"poison")
+        .unwrap();
     assert_eq!(poison.error, "cannot decode: not a report");
     assert_eq!(poison.delivery_count, 1);
     assert_eq!(poison.stream, names::STREAM_FANOUT);
     assert_eq!(poison.subject, "devsync.fanout.push.test");
-    assert_eq!(handler.attempts("poison").len(), 1, "poison is never redelivered");
+    assert_eq!(
+        handler.attempts("poison").len(),
+        1,
+        "poison is never redelivered"
+    );
 
-    let exhausted = letters.iter().find(|l| &l.original[..] == b"never").unwrap();
+    let exhausted = letters
+        .iter()
+        .find(|l| &l.original[..] == b"never")
+        .unwrap();
     assert_eq!(exhausted.delivery_count, 3);
     assert!(
-        exhausted.error.contains("last delivery (3) failed: database unavailable"),
+        exhausted
+            .error
+            .contains("last delivery (3) failed: database unavailable"),
         "{}",
         exhausted.error
     );
@@ -167,7 +179,11 @@ async fn outcomes_are_acked_retried_and_dead_lettered() {
     // The transient failure came back after its backoff (>= min delay), then succeeded.
     let flaky = handler.attempts("flaky-1");
     assert_eq!(flaky.len(), 2);
-    assert!(flaky[1] - flaky[0] >= RETRY.min, "{:?}", flaky[1] - flaky[0]);
+    assert!(
+        flaky[1] - flaky[0] >= RETRY.min,
+        "{:?}",
+        flaky[1] - flaky[0]
+    );
     assert_eq!(handler.attempts("ok").len(), 1);
 
     let count = |outcome| metrics.count(names::STREAM_FANOUT, names::CONSUMER_FANOUT, outcome);
@@ -246,10 +262,16 @@ async fn unanswered_last_delivery_is_swept_to_the_dlq() {
     assert_eq!(letters.len(), 1);
     assert_eq!(&letters[0].original[..], b"crashing");
     assert_eq!(letters[0].delivery_count, 3);
-    assert!(letters[0].error.contains("ran out of deliveries"), "{}", letters[0].error);
-    wait_for(Duration::from_secs(10), "the stuck message deleted", || async {
-        (pending(&js, names::STREAM_FANOUT).await == 0).then_some(())
-    })
+    assert!(
+        letters[0].error.contains("ran out of deliveries"),
+        "{}",
+        letters[0].error
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the stuck message deleted",
+        || async { (pending(&js, names::STREAM_FANOUT).await == 0).then_some(()) },
+    )
     .await;
 
     shutdown.cancel();

@@ -18,7 +18,7 @@ mod embedded {
 }
 
 /// Advisory lock key held while migrating ("devsync" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6465_7673_796e_63;
+const MIGRATION_LOCK: i64 = 0x0064_6576_7379_6e63;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,48 @@ pub fn known_migrations() -> Vec<(i32, String)> {
         .iter()
         .map(|m| (m.version() as i32, m.name().to_owned()))
         .collect()
+}
+
+/// `url` with its database name replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{root}/{database}?{query}"),
+        None => format!("{root}/{database}"),
+    }
+}
+
+/// Creates the database `url` names if it does not exist (connecting to the server's
+/// `postgres` database to do so). Returns whether it was created.
+pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
+    let config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
+    let name = config.get_dbname().unwrap_or("postgres").to_owned();
+    let admin = with_database(url, "postgres");
+    let (client, connection) = tokio_postgres::connect(&admin, NoTls)
+        .await
+        .map_err(StoreError::Connect)?;
+    let driver = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{quoted}\""))
+            .await?;
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(!exists)
 }
 
 /// A connection pool of at most `size` connections to `url`.

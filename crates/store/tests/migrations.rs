@@ -41,13 +41,19 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert!(partitions >= 7, "audit partitions created ahead: {partitions}");
+    assert!(
+        partitions >= 7,
+        "audit partitions created ahead: {partitions}"
+    );
 }
 
 #[tokio::test]
 async fn concurrent_migrations_apply_once() {
     let db = TestDb::create_empty(false).await;
-    let (a, b) = tokio::join!(devsync_store::migrate(&db.url), devsync_store::migrate(&db.url));
+    let (a, b) = tokio::join!(
+        devsync_store::migrate(&db.url),
+        devsync_store::migrate(&db.url)
+    );
     let total = a.unwrap().len() + b.unwrap().len();
     assert_eq!(total, devsync_store::known_migrations().len());
 }
@@ -72,12 +78,18 @@ async fn plain_sql_changes_of_desired_state_are_versioned_and_captured() {
         .unwrap();
     // A no-op update changes nothing.
     client
-        .execute("UPDATE devices SET labels = '{\"a\": \"b\"}' WHERE id = 'd1'", &[])
+        .execute(
+            "UPDATE devices SET labels = '{\"a\": \"b\"}' WHERE id = 'd1'",
+            &[],
+        )
         .await
         .unwrap();
 
     let row = client
-        .query_one("SELECT desired_version, desired FROM devices WHERE id = 'd1'", &[])
+        .query_one(
+            "SELECT desired_version, desired FROM devices WHERE id = 'd1'",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 2);
@@ -91,7 +103,10 @@ async fn plain_sql_changes_of_desired_state_are_versioned_and_captured() {
         .await
         .unwrap();
     assert_eq!(history.len(), 2);
-    assert_eq!(history[1].get::<_, serde_json::Value>(1), json!({"fw": "1.1"}));
+    assert_eq!(
+        history[1].get::<_, serde_json::Value>(1),
+        json!({"fw": "1.1"})
+    );
     assert_eq!(history[1].get::<_, String>(2), "sql");
 
     let changes = client
@@ -143,5 +158,8 @@ async fn plain_sql_changes_of_desired_state_are_versioned_and_captured() {
         .execute("UPDATE devices SET desired = '[1]' WHERE id = 'd1'", &[])
         .await
         .unwrap_err();
-    assert!(format!("{err:?}").contains("devices_desired_check"), "{err:?}");
+    assert!(
+        format!("{err:?}").contains("devices_desired_check"),
+        "{err:?}"
+    );
 }

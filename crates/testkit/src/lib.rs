@@ -103,23 +103,6 @@ impl std::fmt::Debug for TestDb {
     }
 }
 
-/// `url` with its database name replaced by `database`.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let root = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{root}/{database}?{query}"),
-        None => format!("{root}/{database}"),
-    }
-}
-
 impl TestDb {
     /// Creates a fresh database and applies every migration.
     pub async fn create() -> Self {
@@ -141,7 +124,7 @@ impl TestDb {
             .expect("create test database");
         drop(client);
         let _ = driver.await;
-        let url = with_database(&admin_url, &name);
+        let url = devsync_store::with_database(&admin_url, &name);
         if migrate {
             devsync_store::migrate(&url)
                 .await
@@ -183,10 +166,10 @@ impl Drop for TestDb {
 
 fn admin_url() -> String {
     for var in [ENV_TEST_DATABASE_URL, "DATABASE_URL"] {
-        if let Ok(url) = std::env::var(var) {
-            if !url.is_empty() {
-                return url;
-            }
+        if let Ok(url) = std::env::var(var)
+            && !url.is_empty()
+        {
+            return url;
         }
     }
     shared_cluster_url()
@@ -202,10 +185,9 @@ fn shared_cluster_url() -> String {
     if let Some(port) = std::fs::read_to_string(&port_file)
         .ok()
         .and_then(|p| p.trim().parse::<u16>().ok())
+        && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        }
+        return format!("postgres://postgres@127.0.0.1:{port}/postgres");
     }
     let cluster = PostgresCluster::start(PostgresOptions {
         dir: root.join("pg"),

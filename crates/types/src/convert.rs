@@ -125,12 +125,11 @@ impl TryFrom<pb::AuditEvent> for AuditRecord {
         if event.event_id.is_empty() {
             return Err(ConvertError::Missing { field: "event_id" });
         }
-        let outcome = pb::Outcome::try_from(event.outcome).map_err(|_| {
-            ConvertError::UnknownEnum {
+        let outcome =
+            pb::Outcome::try_from(event.outcome).map_err(|_| ConvertError::UnknownEnum {
                 field: "outcome",
                 value: event.outcome,
-            }
-        })?;
+            })?;
         let at = event
             .at
             .as_ref()

@@ -104,13 +104,14 @@ pub fn parse_request(subject: &str) -> Result<(Lane, Partition, DeviceId), Subje
         return Err(shape());
     };
     let lane: Lane = lane.parse().map_err(|_| shape())?;
-    let partition = partition
-        .parse::<u16>()
-        .map(Partition)
-        .map_err(|_| SubjectError::Partition {
-            subject: subject.to_owned(),
-            token: partition.to_owned(),
-        })?;
+    let partition =
+        partition
+            .parse::<u16>()
+            .map(Partition)
+            .map_err(|_| SubjectError::Partition {
+                subject: subject.to_owned(),
+                token: partition.to_owned(),
+            })?;
     let device = DeviceId::parse(device).map_err(|source| SubjectError::Device {
         subject: subject.to_owned(),
         source,
@@ -193,7 +194,10 @@ mod tests {
             "devsync.req.{{wildcard(1)}}.{{partition(64,2)}}.{{wildcard(2)}}"
         );
         let (lane, partition, device) = parse_request("devsync.req.rt.12.abc").unwrap();
-        assert_eq!((lane, partition, device), (Lane::Rt, Partition(12), dev("abc")));
+        assert_eq!(
+            (lane, partition, device),
+            (Lane::Rt, Partition(12), dev("abc"))
+        );
         assert!(parse_request("devsync.req.rt.x.abc").is_err());
         assert!(parse_request("devsync.req.zz.1.abc").is_err());
     }

@@ -146,7 +146,7 @@ wins over config.env, which wins over the chart's. Credentials only ever come fr
 {{- $_ := set $settings "OTEL_EXPORTER_OTLP_ENDPOINT" . }}
 {{- $_ := set $settings "OTEL_SERVICE_NAME" (printf "devsync-%s" $.identity) }}
 {{- end }}
-{{- $settings = mustMergeOverwrite $settings (default (dict) $v.config.env) (default (dict) .env) }}
+{{- $settings = mustMergeOverwrite $settings (default (dict) $v.config.env) (default (dict) .env) -}}
 - name: DEVSYNC_INSTANCE
   valueFrom:
     fieldRef:
@@ -252,5 +252,38 @@ naming the value to change.
 {{- end }}
 {{- if and (ne .Values.nats.auth.type "none") (not .Values.nats.auth.existingSecret) }}
 {{- fail "nats.auth.existingSecret is required unless nats.auth.type is none" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Egress rules of every devsync pod: DNS, NATS, PostgreSQL and, when otel.endpoint is set, the
+OTLP collector. A target whose peer list is empty gets no rule (an empty `to` would mean
+"anywhere").
+*/}}
+{{- define "devsync.egressRules" -}}
+{{- $np := .Values.networkPolicy }}
+{{- with $np.dns.to }}
+- to:
+    {{- toYaml . | nindent 4 }}
+  ports:
+    - protocol: UDP
+      port: 53
+    - protocol: TCP
+      port: 53
+{{- end }}
+{{- $targets := list $np.nats $np.postgres }}
+{{- if .Values.otel.endpoint }}
+{{- $targets = append $targets $np.otlp }}
+{{- end }}
+{{- range $targets }}
+{{- if .to }}
+- to:
+    {{- toYaml .to | nindent 4 }}
+  ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+{{- end }}
 {{- end }}
 {{- end }}

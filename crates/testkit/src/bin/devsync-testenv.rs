@@ -21,7 +21,8 @@ fn main() -> ExitCode {
     let url = match given {
         Some(url) => url,
         None => {
-            let dir = workspace_root().join(format!("target/devsync-testenv-{}", std::process::id()));
+            let dir =
+                workspace_root().join(format!("target/devsync-testenv-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             match PostgresCluster::start(PostgresOptions {
                 dir: dir.clone(),

@@ -1,0 +1,57 @@
+//! The command line, declared with clap. `--help` on every command explains it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Operate devsync: prepare the database and JetStream, inspect queues, run a local stack.
+///
+/// Settings are read like the services read them: defaults, then the TOML file given with
+/// --config (or DEVSYNC_CONFIG), then DEVSYNC_* environment variables (DEVSYNC_NATS__URL,
+/// DEVSYNC_DATABASE__URL, ...; NATS_URL and DATABASE_URL are accepted too).
+#[derive(Debug, Parser)]
+#[command(name = "devsyncctl", version, propagate_version = true)]
+pub struct Cli {
+    /// TOML configuration file (overrides DEVSYNC_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations built into this binary (safe to run repeatedly and from
+    /// several replicas at once).
+    Migrate,
+    /// Declare every JetStream stream, consumer, KV bucket and object store, and print what was
+    /// created, found unchanged, corrected, or found drifted. Fails if drift cannot be corrected.
+    Bootstrap,
+    /// Show streams and consumers with their pending and ack-pending counts.
+    Status(StatusArgs),
+    /// Start a local stack: NATS (JetStream) and PostgreSQL in ./.devsync, migrated and
+    /// bootstrapped, until Ctrl-C. Uses NATS_URL / DATABASE_URL instead when they are set.
+    Up(UpArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// List every reconcile partition consumer instead of one line per lane.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the local stack keeps its data.
+    #[arg(long, default_value = ".devsync", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Delete the data directory first.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Exit after the stack is up and bootstrapped (for scripts and tests) instead of waiting
+    /// for Ctrl-C.
+    #[arg(long)]
+    pub no_wait: bool,
+}

@@ -1,0 +1,83 @@
+//! `devsyncctl` as a user runs it, against a real nats-server and PostgreSQL.
+
+use std::process::{Command, Output};
+
+use devsync_testkit::{TestDb, TestNats};
+
+fn ctl(nats: &TestNats, db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_devsyncctl"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVSYNC_NATS__URL", nats.url())
+        .env("DEVSYNC_DATABASE__URL", &db.url)
+        .env("DEVSYNC_TOPOLOGY__PARTITIONS", "4")
+        .output()
+        .expect("run devsyncctl")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn migrate_bootstrap_and_status() {
+    let nats = TestNats::start();
+    let db = TestDb::create_empty(false).await;
+
+    let out = stdout(&ctl(&nats, &db, &["migrate"]));
+    assert!(out.contains("applied V1 devices"), "{out}");
+    let out = stdout(&ctl(&nats, &db, &["migrate"]));
+    assert!(out.starts_with("schema is current"), "{out}");
+
+    let out = stdout(&ctl(&nats, &db, &["bootstrap"]));
+    let expected = 6 + 4 + 2 * 4 + 3 + 1;
+    assert!(
+        out.contains(&format!("topology: {expected} created, 0 unchanged")),
+        "{out}"
+    );
+    assert!(out.contains("DEVSYNC_REQ/reconcile-rt-* (4)"), "{out}");
+    let out = stdout(&ctl(&nats, &db, &["bootstrap"]));
+    assert!(
+        out.contains(&format!("topology: 0 created, {expected} unchanged")),
+        "{out}"
+    );
+
+    let out = stdout(&ctl(&nats, &db, &["status"]));
+    for name in [
+        "DEVSYNC_IN",
+        "DEVSYNC_REQ",
+        "DEVSYNC_DLQ",
+        "reconcile-bulk-* (4)",
+        "requestor",
+    ] {
+        assert!(out.contains(name), "{name} missing from:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_setting_exits_64_with_one_line() {
+    let nats = TestNats::start();
+    let db = TestDb::create_empty(false).await;
+    let output = Command::new(env!("CARGO_BIN_EXE_devsyncctl"))
+        .arg("status")
+        .env("DEVSYNC_NATS__URL", nats.url())
+        .env("DEVSYNC_DATABASE__URL", &db.url)
+        .env("DEVSYNC_TOPOLOGY__REPLICAS", "nine")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("devsyncctl: setting topology.replicas (DEVSYNC_TOPOLOGY__REPLICAS)"),
+        "{err}"
+    );
+}

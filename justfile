@@ -1,0 +1,31 @@
+# devsync tasks. `just` lists them; the README explains the two that matter (`up`, `test`).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# list the recipes
+default:
+    @just --list
+
+# install pinned tools (nats-server) into .tools/ and check PostgreSQL binaries
+setup:
+    bash scripts/setup.sh
+
+# start the local stack (NATS + PostgreSQL + topology) until Ctrl-C; flags go to `devsyncctl up`
+up *ARGS: setup
+    cargo run --release -q -p devsync-ctl -- up {{ARGS}}
+
+# run the whole test suite against real NATS and a private PostgreSQL
+test: setup
+    cargo build -q -p devsync-testkit --bin devsync-testenv
+    target/debug/devsync-testenv cargo nextest run --workspace --no-fail-fast
+
+# formatting and lints, as CI runs them
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# the Helm chart: lint, render, validate, assert on the rendered output
+chart-test: setup
+    bash scripts/chart-test.sh
+
+# everything CI checks
+verify: lint test
