@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the NATS permissions of deploy/nats/nats-server.conf against a real nats-server.
 
-usage: check_permissions.py NATS_SERVER_BIN PORT
+usage: check_permissions.py [--quiet] NATS_SERVER_BIN PORT
 
 Starts the server on 127.0.0.1:PORT with that config (monitoring on a free port, JetStream in a
 temporary directory), declares the devsync topology as `admin` the way `devsyncctl bootstrap`
@@ -65,13 +65,15 @@ START_TIMEOUT = 10.0
 class Report:
     """Collects check results; a check is a name and a verdict."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
         self.passed = 0
         self.failures: list[str] = []
 
     def ok(self, name: str) -> None:
         self.passed += 1
-        print(f"  ok    {name}")
+        if not self.quiet:
+            print(f"  ok    {name}")
 
     def fail(self, name: str, why: str) -> None:
         self.failures.append(f"{name}: {why}")
@@ -162,10 +164,11 @@ class User:
         await self.nc.flush(timeout=REQUEST_TIMEOUT)
         await self.nc.flush(timeout=REQUEST_TIMEOUT)
 
-    async def expect_no_violation(self) -> None:
+    async def expect_no_violation(self, since: int = 0) -> None:
+        """No permission error arrived after the first `since` ones."""
         await self.settle()
-        if self.errors:
-            raise AssertionError(f"{self.name} got errors: {self.errors}")
+        if self.errors[since:]:
+            raise AssertionError(f"{self.name} got errors: {self.errors[since:]}")
 
     async def js_publish(self, subject: str, stream: str) -> None:
         """A JetStream publish that must be stored in `stream` (proves publish + inbox)."""
@@ -273,6 +276,41 @@ async def bootstrap(admin: User) -> None:
     await admin.js.create_object_store("devsync-blobs")
 
 
+def durable_consumers() -> list[tuple[str, str, str]]:
+    """(stream, consumer, filter) of every durable consumer bootstrap declares."""
+    consumers = [
+        ("DEVSYNC_IN", "requestor", "devsync.in.>"),
+        ("DEVSYNC_FANOUT", "fanout", "devsync.fanout.>"),
+        ("DEVSYNC_AUDIT", "audit", "devsync.audit.>"),
+        ("DEVSYNC_ADVISORIES", "dlq-sweeper", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"),
+    ]
+    for lane in LANES:
+        for k in range(PARTITIONS):
+            consumers.append(("DEVSYNC_REQ", f"reconcile-{lane}-{k}", f"devsync.req.{lane}.{k}.*"))
+    return consumers
+
+
+async def create_consumers(user: User, consumers: list[tuple[str, str, str]] | None = None) -> None:
+    """Creates durable consumers; with the same config again, the create is a no-op."""
+    for stream_name, consumer, filter_subject in consumers or durable_consumers():
+        await user.js.add_consumer(
+            stream_name,
+            ConsumerConfig(
+                durable_name=consumer, name=consumer, filter_subject=filter_subject,
+                ack_policy=AckPolicy.EXPLICIT, max_deliver=5,
+            ),
+        )
+
+
+async def verify_topology(user: User) -> None:
+    """What Topology::verify asks: info on every stream, bucket and consumer."""
+    for config in TOPOLOGY:
+        await user.js.stream_info(config["name"])
+    await user.js.stream_info("OBJ_devsync-blobs")
+    for stream_name, consumer, _ in durable_consumers():
+        await user.js.consumer_info(stream_name, consumer)
+
+
 # ------------------------------------------------------------------------------------------
 # The checks
 # ------------------------------------------------------------------------------------------
@@ -325,6 +363,28 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
 
     # --- bootstrap as admin ------------------------------------------------------------------
     await check("admin declares the topology (streams, KV, object store)", bootstrap(admin))
+
+    # --- every service can verify the whole topology, and declare none of it -----------------
+    await check("admin creates every durable consumer (as bootstrap does)", create_consumers(admin))
+    own = {"requestor": [("DEVSYNC_IN", "requestor", "devsync.in.>"),
+                         ("DEVSYNC_ADVISORIES", "dlq-sweeper", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>")],
+           "reconciler": [c for c in durable_consumers() if c[0] == "DEVSYNC_REQ"],
+           "fanout": [("DEVSYNC_FANOUT", "fanout", "devsync.fanout.>")],
+           "audit": [("DEVSYNC_AUDIT", "audit", "devsync.audit.>")]}
+    for name, consumers in own.items():
+        await check(f"{name} may re-declare its own durable consumers ({len(consumers)})",
+                    create_consumers(users[name], consumers))
+    for name in SERVICES:
+        await check(f"{name} verifies the topology (info on every stream and consumer)", verify_topology(users[name]))
+        for subject in (
+            "$JS.API.STREAM.CREATE.DEVSYNC_IN",
+            "$JS.API.STREAM.UPDATE.DEVSYNC_REQ",
+            "$JS.API.STREAM.DELETE.DEVSYNC_AUDIT",
+            "$JS.API.STREAM.PURGE.DEVSYNC_FANOUT",
+            "$JS.API.CONSUMER.DELETE.DEVSYNC_IN.requestor",
+            "$JS.API.CONSUMER.CREATE.DEVSYNC_DLQ.sneaky",
+        ):
+            await check(f"{name} refused: publish {subject}", users[name].expect_publish_denied(subject))
 
     # --- device-a publishes and is acknowledged on its own inbox ----------------------------
     await check(
@@ -519,6 +579,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
     )
 
     async def audit_serves_search() -> None:
+        before = len(audit.errors)
         endpoint = await audit.nc.subscribe("devsync.api.audit.search", queue="devsync-audit")
         ping = await audit.nc.subscribe("$SRV.PING.devsync-audit")
         await audit.settle()
@@ -534,7 +595,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         await ping.unsubscribe()
         if reply.data != b"[]":
             raise AssertionError(reply.data)
-        await audit.expect_no_violation()
+        await audit.expect_no_violation(since=before)
 
     await check("audit answers a search request (micro service endpoint, allow_responses)",
                 audit_serves_search())
@@ -586,6 +647,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
 
     async def device_b_not_reached() -> None:
         # device-b's own notifications reach device-b and never device-a.
+        before = len(dev_b.errors)
         notes_b = await dev_b.nc.subscribe("devsync.out.device-b.>")
         await dev_b.settle()
         await fanout.nc.publish("devsync.out.device-b.desired", b"for-b")
@@ -593,7 +655,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         await notes_b.unsubscribe()
         if msg.data != b"for-b":
             raise AssertionError(msg.data)
-        await dev_b.expect_no_violation()
+        await dev_b.expect_no_violation(since=before)
 
     await check("device-b receives its own notification", device_b_not_reached())
     await check("device-b refused: publish devsync.in.device-a.report",
@@ -627,6 +689,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("nats_server", help="path of the nats-server binary (2.12 or newer)")
     parser.add_argument("port", type=int, help="free loopback port for the client listener")
+    parser.add_argument("--quiet", action="store_true", help="print only failures and the summary")
     args = parser.parse_args()
 
     binary = shutil.which(args.nats_server) or args.nats_server
@@ -651,7 +714,7 @@ def main() -> int:
         "-a", "127.0.0.1", "-p", str(args.port), "-m", str(free_port()), "-l", str(log_path), *(["-DV"] if os.environ.get("CHECK_PERMISSIONS_TRACE") else []),
     ]
     print(f"check_permissions: {Path(binary).name} on 127.0.0.1:{args.port} with {CONFIG.name}")
-    report = Report()
+    report = Report(quiet=args.quiet)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         try:

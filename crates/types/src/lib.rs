@@ -14,6 +14,7 @@ pub mod convert;
 pub mod ids;
 pub mod model;
 pub mod names;
+pub mod state;
 pub mod subjects;
 
 pub use convert::ConvertError;

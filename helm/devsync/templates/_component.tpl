@@ -16,7 +16,6 @@ The binary is /usr/local/bin/devsync-<service>; it serves /healthz, /readyz and 
 {{- $fullname := include "devsync.componentName" . }}
 {{- $autoscaled := or $c.hpa.enabled $c.keda.enabled }}
 {{- $partitions := int $root.Values.config.partitions }}
-{{- include "devsync.validate" $root }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
