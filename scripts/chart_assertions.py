@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import json
 import re
 import subprocess
@@ -405,6 +406,10 @@ def check_network_policies(policies: list[dict], values: dict, f: Failures) -> N
         for rule in p["spec"].get("egress", []):
             f.check(rule.get("to"), f"{what}: an egress rule without `to` allows everything")
             f.check(rule.get("ports"), f"{what}: an egress rule without ports")
+        for rule in p["spec"].get("egress", []) + p["spec"].get("ingress", []):
+            for peer in rule.get("to", []) + rule.get("from", []):
+                if "ipBlock" in peer:
+                    check_ip_block(what, peer["ipBlock"], f)
     if base:
         spec = base[0]["spec"]
         f.check(spec["policyTypes"] == ["Ingress", "Egress"], "baseline NetworkPolicy does not restrict both directions")
@@ -416,12 +421,25 @@ def check_network_policies(policies: list[dict], values: dict, f: Failures) -> N
     webhooks = [p for n, p in names.items() if n.endswith("-fanout-webhooks")]
     f.check(len(webhooks) == (1 if np["fanoutWebhooks"]["enabled"] else 0), "fan-out webhook egress does not follow its switch")
     for p in webhooks:
-        cidrs = [peer["ipBlock"]["cidr"] for rule in p["spec"]["egress"] for peer in rule["to"]]
-        f.check(cidrs == np["fanoutWebhooks"]["cidrs"], f"webhook CIDRs {cidrs}")
+        blocks = [peer["ipBlock"] for rule in p["spec"]["egress"] for peer in rule["to"]]
+        f.check(blocks == np["fanoutWebhooks"]["ipBlocks"], f"webhook ipBlocks {blocks}")
         f.check(p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "fanout",
                 "webhook egress applies to other pods than the fan-out")
     audit_api = [p for n, p in names.items() if n.endswith("-audit-api")]
     f.check(len(audit_api) == 1, "no NetworkPolicy opening the audit search API")
+
+
+def check_ip_block(what: str, block: dict, f: Failures) -> None:
+    """What the API server checks and kubernetes-validate does not: valid CIDRs, exceptions inside."""
+    try:
+        net = ipaddress.ip_network(block["cidr"], strict=True)
+        excepts = [ipaddress.ip_network(e, strict=True) for e in block.get("except", [])]
+    except ValueError as exc:
+        f.check(False, f"{what}: invalid ipBlock {block}: {exc}")
+        return
+    for e in excepts:
+        f.check(e.version == net.version and e.subnet_of(net) and e != net,
+                f"{what}: except {e} is not strictly inside {net}")
 
 
 SERVICE_MONITOR_SPEC = {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels", "podTargetLabels",
@@ -509,8 +527,10 @@ BAD_VALUES = [
      "exclusive"),
     ("more reconcilers than partitions", {"config": {"partitions": 4}, "reconciler": {"replicaCount": 5}},
      "template", "must not exceed config.partitions"),
-    ("webhooks on without CIDRs", {"networkPolicy": {"fanoutWebhooks": {"enabled": True}}}, "template",
-     "cidrs must list at least one"),
+    ("webhooks on without ranges", {"networkPolicy": {"fanoutWebhooks": {"enabled": True}}}, "template",
+     "ipBlocks must list at least one range"),
+    ("webhook range without a cidr", {"networkPolicy": {"fanoutWebhooks": {"ipBlocks": [{"except": ["10.0.0.0/8"]}]}}},
+     "lint", "cidr"),
 ]
 
 

@@ -165,6 +165,9 @@ fn insert(dict: &mut Dict, key: &str, value: Value) {
 pub trait Settings: DeserializeOwned + Serialize + Default {
     /// Checks relations and ranges serde cannot express. Names the bad key on failure.
     fn validate(&self) -> Result<(), ConfigError>;
+
+    /// The common part (logging, connections).
+    fn common(&self) -> &CommonSettings;
 }
 
 /// Loads `S` from its defaults, the file and the environment, then validates it.
@@ -577,6 +580,10 @@ impl CommonSettings {
 impl Settings for CommonSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         CommonSettings::validate(self)
+    }
+
+    fn common(&self) -> &CommonSettings {
+        self
     }
 }
 

@@ -77,12 +77,15 @@ pub async fn publish(
         dead_at: Some(timestamp(Utc::now())),
         headers,
     };
+    // Messages refused before reaching any stream have no sequence: give them a unique id.
+    let msg_id = if original.stream_sequence > 0 {
+        format!("dlq:{}:{}", original.stream, original.stream_sequence)
+    } else {
+        format!("dlq:{}:{}", original.stream, uuid::Uuid::now_v7())
+    };
     let publish = PublishMessage::build()
         .payload(letter.encode_to_vec().into())
-        .message_id(format!(
-            "dlq:{}:{}",
-            original.stream, original.stream_sequence
-        ));
+        .message_id(msg_id);
     js.send_publish(subjects::dlq(original.stream), publish)
         .await
         .map_err(|e| fail(e.to_string()))?

@@ -14,10 +14,14 @@
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT into a cancellation token that drains in-flight work.
 
+pub mod audit;
+pub mod blobs;
 pub mod config;
 pub mod dlq;
 pub mod health;
 pub mod nats;
+pub mod publish;
+pub mod service;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,542 @@
+//! Device ingress: `devsync.in.<device>.<kind>` served by a queue group.
+//!
+//! Order of checks (cheapest first, so bad input costs as little as possible): subject shape
+//! and device id, payload size, known kind, per-device rate limit (token bucket), registered and
+//! enabled device (cached), protobuf decode, identity in the payload, content. Every refusal
+//! gets an `ErrorReply` when the device used request/reply, an audit event (rate-limit refusals
+//! at most one per device per second, so a flood cannot flood the audit trail too), and, for
+//! undecodable input, a dead letter with the original bytes. Nothing else is blocked: each
+//! message is handled in its own task, bounded by `max_in_flight`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{HeaderMap, Message, Subscriber};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use devsync_proto::Message as _;
+use devsync_proto::v1::{
+    self as pb, Accepted, CheckIn, DesiredAck, DeviceReport, ErrorReply, Payload, RefreshRequest,
+    SyncRequest, error_reply::Code, payload, sync_request,
+};
+use devsync_runtime::audit::Auditor;
+use devsync_runtime::publish::{self, Outgoing};
+use devsync_runtime::service::Service;
+use devsync_runtime::{Shutdown, blobs, dlq, telemetry};
+use devsync_types::convert::timestamp;
+use devsync_types::{AuditOutcome, DeviceId, Lane, MessageKind, RequestId, state, subjects};
+use futures::StreamExt;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::RequestorSettings;
+use crate::checkins::Checkins;
+use crate::refresh;
+use crate::registry::{Registration, Registry};
+
+/// The queue group every requestor replica joins.
+pub const QUEUE_GROUP: &str = "requestor";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+/// Ingress metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    accepted: Family<KindLabel, Counter>,
+    refused: Family<CodeLabel, Counter>,
+    refresh_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Registers the ingress metrics.
+    pub fn register(registry: &mut MetricsRegistry) -> Self {
+        let metrics = Self {
+            accepted: Family::default(),
+            refused: Family::default(),
+            refresh_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
+        };
+        registry.register(
+            "devsync_ingress_accepted",
+            "device messages accepted, by kind",
+            metrics.accepted.clone(),
+        );
+        registry.register(
+            "devsync_ingress_refused",
+            "device messages refused, by reason",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "devsync_refresh_seconds",
+            "time to answer a refresh",
+            metrics.refresh_seconds.clone(),
+        );
+        metrics
+    }
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone)]
+struct Refusal {
+    code: Code,
+    message: String,
+    retry_after: Option<Duration>,
+    dead_letter: bool,
+}
+
+impl Refusal {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after: None,
+            dead_letter: false,
+        }
+    }
+}
+
+/// What to answer an accepted message with.
+enum Answer {
+    Accepted(Accepted),
+    Refresh(pb::RefreshReply),
+}
+
+/// The ingress handler shared by all message tasks.
+pub struct Ingress {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    pool: Pool,
+    auditor: Auditor,
+    settings: RequestorSettings,
+    registry: Registry,
+    limiter: DefaultKeyedRateLimiter<DeviceId>,
+    refusal_audits: DefaultKeyedRateLimiter<DeviceId>,
+    checkins: Checkins,
+    metrics: Metrics,
+    in_flight: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress").finish_non_exhaustive()
+    }
+}
+
+fn non_zero(value: u32) -> NonZeroU32 {
+    NonZeroU32::new(value.max(1)).expect("at least 1")
+}
+
+impl Ingress {
+    /// An ingress handler for `service`.
+    pub fn new(
+        service: &Service,
+        settings: RequestorSettings,
+        checkins: Checkins,
+        metrics: Metrics,
+    ) -> Self {
+        let quota = Quota::per_second(non_zero(settings.rate_per_device))
+            .allow_burst(non_zero(settings.burst_per_device));
+        Self {
+            client: service.client.clone(),
+            js: service.js.clone(),
+            pool: service.pool.clone(),
+            auditor: service.auditor.clone(),
+            registry: Registry::new(
+                service.pool.clone(),
+                settings.device_cache_capacity,
+                settings.device_cache_ttl,
+            ),
+            limiter: RateLimiter::keyed(quota),
+            refusal_audits: RateLimiter::keyed(Quota::per_second(non_zero(1))),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            settings,
+            checkins,
+            metrics,
+        }
+    }
+
+    /// Joins the queue group on every device subject.
+    pub async fn subscribe(&self) -> anyhow::Result<Subscriber> {
+        Ok(self
+            .client
+            .queue_subscribe(subjects::INGRESS_ALL, QUEUE_GROUP.into())
+            .await?)
+    }
+
+    /// Handles messages until `shutdown`; then unsubscribes so the other replicas take over.
+    pub async fn serve(self: &Arc<Self>, mut subscription: Subscriber, shutdown: Shutdown) {
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = housekeeping.tick() => {
+                    self.limiter.retain_recent();
+                    self.refusal_audits.retain_recent();
+                    continue;
+                }
+                message = subscription.next() => message,
+            };
+            let Some(message) = message else { break };
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let ingress = Arc::clone(self);
+            tokio::spawn(async move {
+                ingress.handle(message).await;
+                drop(permit);
+            });
+        }
+        let _ = subscription.unsubscribe().await;
+    }
+
+    /// Waits until messages in flight are answered, at most `timeout`.
+    pub async fn drain(&self, timeout: Duration) {
+        let all = self.settings.max_in_flight as u32;
+        let waited = tokio::time::timeout(timeout, self.in_flight.acquire_many(all)).await;
+        if waited.is_err() {
+            tracing::warn!("ingress drain timed out with messages in flight");
+        }
+    }
+
+    async fn handle(&self, message: Message) {
+        let received_at = Utc::now();
+        let span = tracing::info_span!("ingress", subject = %message.subject);
+        telemetry::extract_into(&span, message.headers.as_ref());
+        async {
+            let parsed = subjects::parse_ingress(message.subject.as_str());
+            let device = parsed.as_ref().ok().map(|(d, _)| d.clone());
+            let kind = parsed.as_ref().ok().and_then(|(_, k)| k.parse::<MessageKind>().ok());
+            match self.accept(&message, parsed, received_at).await {
+                Ok(answer) => {
+                    if let Some(kind) = kind {
+                        self.metrics
+                            .accepted
+                            .get_or_create(&KindLabel {
+                                kind: kind.as_str(),
+                            })
+                            .inc();
+                    }
+                    let payload = match answer {
+                        Answer::Accepted(accepted) => accepted.encode_to_vec(),
+                        Answer::Refresh(reply) => reply.encode_to_vec(),
+                    };
+                    self.reply(&message, payload.into()).await;
+                }
+                Err(refusal) => self.refuse(&message, device, refusal).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reply(&self, message: &Message, payload: Bytes) {
+        if let Some(reply) = &message.reply {
+            if let Err(error) = self.client.publish(reply.clone(), payload).await {
+                tracing::warn!(%error, "cannot answer device");
+            }
+        }
+    }
+
+    async fn accept(
+        &self,
+        message: &Message,
+        parsed: Result<(DeviceId, &str), subjects::SubjectError>,
+        received_at: DateTime<Utc>,
+    ) -> Result<Answer, Refusal> {
+        let (device, kind) = parsed.map_err(|e| Refusal::new(Code::Invalid, e.to_string()))?;
+        let size = message.payload.len();
+        if size > self.settings.max_payload {
+            return Err(Refusal::new(
+                Code::TooLarge,
+                format!(
+                    "payload is {size} bytes; at most {} are accepted",
+                    self.settings.max_payload
+                ),
+            ));
+        }
+        let kind: MessageKind = kind
+            .parse()
+            .map_err(|e: devsync_types::model::UnknownValue| {
+                Refusal::new(Code::UnknownKind, e.to_string())
+            })?;
+        if let Err(not_until) = self.limiter.check_key(&device) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(Refusal {
+                retry_after: Some(wait),
+                ..Refusal::new(
+                    Code::RateLimited,
+                    format!(
+                        "device {device} exceeds {} messages/s; retry in {} ms",
+                        self.settings.rate_per_device,
+                        wait.as_millis()
+                    ),
+                )
+            });
+        }
+        match self.registry.lookup(&device).await {
+            Ok(Registration::Enabled) => {}
+            Ok(Registration::Disabled) => {
+                return Err(Refusal::new(
+                    Code::UnknownDevice,
+                    format!("device {device} is disabled"),
+                ));
+            }
+            Ok(Registration::Unknown) => {
+                return Err(Refusal::new(
+                    Code::UnknownDevice,
+                    format!("device {device} is not registered"),
+                ));
+            }
+            Err(error) => return Err(unavailable(format!("device registry: {error}"))),
+        }
+        let payload = &message.payload;
+        match kind {
+            MessageKind::Report => {
+                let mut report: DeviceReport = decode(payload, kind)?;
+                check_identity(&device, &report.device_id)?;
+                if report.sequence == 0 {
+                    return Err(Refusal::new(Code::Invalid, "sequence must be at least 1"));
+                }
+                let bytes = inline_state(report.reported.as_ref())?;
+                state::parse_object(&bytes)
+                    .map_err(|e| Refusal::new(Code::Invalid, format!("reported: {e}")))?;
+                if bytes.len() > self.settings.claim_check_threshold {
+                    report.reported = Some(
+                        blobs::store(&self.js, bytes)
+                            .await
+                            .map_err(|e| unavailable(format!("claim check: {e}")))?,
+                    );
+                }
+                report.device_id = device.to_string();
+                let request_id = RequestId::for_device_message(&device, kind, report.sequence);
+                let request = sync_request(
+                    &request_id,
+                    &device,
+                    received_at,
+                    sync_request::Kind::Report(report),
+                );
+                self.enqueue(&device, request_id, request).await
+            }
+            MessageKind::Ack => {
+                let mut ack: DesiredAck = decode(payload, kind)?;
+                check_identity(&device, &ack.device_id)?;
+                if ack.desired_version == 0 {
+                    return Err(Refusal::new(
+                        Code::Invalid,
+                        "desired_version must be at least 1",
+                    ));
+                }
+                ack.device_id = device.to_string();
+                let request_id = RequestId::for_device_message(&device, kind, ack.sequence);
+                let request =
+                    sync_request(&request_id, &device, received_at, sync_request::Kind::Ack(ack));
+                self.enqueue(&device, request_id, request).await
+            }
+            MessageKind::CheckIn => {
+                let checkin: CheckIn = decode(payload, kind)?;
+                check_identity(&device, &checkin.device_id)?;
+                self.checkins.seen(&device, received_at);
+                Ok(Answer::Accepted(Accepted {
+                    request_id: RequestId::for_device_message(&device, kind, checkin.sequence)
+                        .to_string(),
+                    duplicate: false,
+                }))
+            }
+            MessageKind::Refresh => {
+                let request: RefreshRequest = decode(payload, kind)?;
+                check_identity(&device, &request.device_id)?;
+                self.checkins.seen(&device, received_at);
+                let started = Instant::now();
+                let reply = refresh::answer(&self.pool, &device, request.since_version)
+                    .await
+                    .map_err(|e| unavailable(format!("refresh: {e}")))?;
+                self.metrics
+                    .refresh_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let request_id = RequestId::for_device_message(&device, kind, request.sequence);
+                let record = self.auditor.record(
+                    received_at,
+                    Some(&device),
+                    Some(&request_id),
+                    "refresh",
+                    "refresh.answered",
+                    AuditOutcome::Ok,
+                    json!({
+                        "since": request.since_version,
+                        "desired_version": reply.desired_version,
+                        "kind": pb::refresh_reply::Kind::try_from(reply.kind)
+                            .map(|k| k.as_str_name())
+                            .unwrap_or("unknown"),
+                    }),
+                );
+                self.audit(record);
+                Ok(Answer::Refresh(reply))
+            }
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        device: &DeviceId,
+        request_id: RequestId,
+        request: SyncRequest,
+    ) -> Result<Answer, Refusal> {
+        let mut headers = HeaderMap::new();
+        telemetry::inject(&mut headers);
+        let outgoing = Outgoing {
+            subject: subjects::request(Lane::Rt, device),
+            msg_id: request_id.to_string(),
+            payload: request.encode_to_vec().into(),
+            headers: Some(headers),
+        };
+        let ack = publish::send(&self.js, outgoing)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .await
+            .map_err(|e| unavailable(format!("request not stored: {e}")))?;
+        Ok(Answer::Accepted(Accepted {
+            request_id: request_id.to_string(),
+            duplicate: ack.duplicate,
+        }))
+    }
+
+    fn audit(&self, record: devsync_types::AuditRecord) {
+        let js = self.js.clone();
+        let message = self.auditor.message(&record);
+        tokio::spawn(async move {
+            if let Err(error) = publish::publish_all(&js, [message]).await {
+                tracing::warn!(%error, "cannot publish audit event");
+            }
+        });
+    }
+
+    async fn refuse(&self, message: &Message, device: Option<DeviceId>, refusal: Refusal) {
+        let code = refusal.code.as_str_name();
+        self.metrics.refused.get_or_create(&CodeLabel { code }).inc();
+        tracing::info!(
+            device_id = device.as_ref().map(|d| d.as_str()).unwrap_or(""),
+            subject = %message.subject,
+            code,
+            reason = %refusal.message,
+            "device message refused"
+        );
+        let reply = ErrorReply {
+            code: refusal.code as i32,
+            message: refusal.message.clone(),
+            retry_after_ms: refusal.retry_after.map_or(0, |d| d.as_millis() as u64),
+        };
+        self.reply(message, reply.encode_to_vec().into()).await;
+        let audited = match (&device, refusal.code) {
+            (Some(device), Code::RateLimited) => self.refusal_audits.check_key(device).is_ok(),
+            _ => true,
+        };
+        if audited {
+            let record = self.auditor.record(
+                Utc::now(),
+                device.as_ref(),
+                None,
+                "ingress",
+                "message.refused",
+                AuditOutcome::Rejected,
+                json!({
+                    "code": code,
+                    "reason": refusal.message,
+                    "subject": message.subject.as_str(),
+                    "size": message.payload.len(),
+                }),
+            );
+            self.audit(record);
+        }
+        if refusal.dead_letter {
+            let original = dlq::Original {
+                stream: "ingress",
+                consumer: crate::ingress::QUEUE_GROUP,
+                subject: message.subject.as_str(),
+                stream_sequence: 0,
+                delivery_count: 1,
+                payload: &message.payload,
+                headers: message.headers.as_ref(),
+            };
+            if let Err(error) = dlq::publish(&self.js, original, &refusal.message).await {
+                tracing::error!(%error, "cannot dead-letter refused message");
+            }
+        }
+    }
+}
+
+fn unavailable(message: String) -> Refusal {
+    tracing::warn!(reason = %message, "ingress unavailable");
+    Refusal {
+        retry_after: Some(Duration::from_secs(1)),
+        ..Refusal::new(Code::Unavailable, message)
+    }
+}
+
+fn decode<M: devsync_proto::Message + Default>(
+    payload: &Bytes,
+    kind: MessageKind,
+) -> Result<M, Refusal> {
+    M::decode(payload.clone()).map_err(|e| Refusal {
+        dead_letter: true,
+        ..Refusal::new(
+            Code::Undecodable,
+            format!("payload is not a valid {kind} message: {e}"),
+        )
+    })
+}
+
+fn check_identity(device: &DeviceId, claimed: &str) -> Result<(), Refusal> {
+    if claimed.is_empty() || claimed == device.as_str() {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            Code::WrongIdentity,
+            format!("payload claims device {claimed:?} but was sent on device {device}'s subject"),
+        ))
+    }
+}
+
+fn inline_state(payload: Option<&Payload>) -> Result<Bytes, Refusal> {
+    match payload.and_then(|p| p.body.as_ref()) {
+        Some(payload::Body::InlineJson(bytes)) => Ok(bytes.clone()),
+        Some(payload::Body::Blob(_)) => Err(Refusal::new(
+            Code::Invalid,
+            "devices send state inline; blob references are for internal use",
+        )),
+        None => Err(Refusal::new(Code::Invalid, "reported state is missing")),
+    }
+}
+
+fn sync_request(
+    request_id: &RequestId,
+    device: &DeviceId,
+    received_at: DateTime<Utc>,
+    kind: sync_request::Kind,
+) -> SyncRequest {
+    SyncRequest {
+        request_id: request_id.to_string(),
+        device_id: device.to_string(),
+        lane: pb::Lane::Rt as i32,
+        received_at: Some(timestamp(received_at)),
+        causation_id: String::new(),
+        kind: Some(kind),
+        reply_to: String::new(),
+    }
+}

@@ -1,0 +1,26 @@
+//! `devsync-requestor`: see the crate docs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// devsync requestor: receives what devices publish on devsync.in.<device>.<kind>, validates
+/// it and turns it into durable sync requests; answers refreshes; records check-ins; relays
+/// desired-state changes made in the database; moves exhausted messages to the DLQ.
+///
+/// Settings: defaults < TOML file (--config or DEVSYNC_CONFIG) < DEVSYNC_* variables; see the
+/// README's configuration reference.
+#[derive(Debug, Parser)]
+#[command(name = "devsync-requestor", version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    devsync_runtime::service::main("devsync-requestor", args.config, devsync_requestor::run).await
+}
