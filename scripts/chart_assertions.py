@@ -28,13 +28,19 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 SERVICES = ("requestor", "reconciler", "fanout", "audit")
-STREAM_OF = {"requestor": "DEVSYNC_IN", "reconciler": "DEVSYNC_REQ", "fanout": "DEVSYNC_FANOUT", "audit": "DEVSYNC_AUDIT"}
+STREAM_OF = {
+    "requestor": "DEVSYNC_IN",
+    "reconciler": "DEVSYNC_REQ",
+    "fanout": "DEVSYNC_FANOUT",
+    "audit": "DEVSYNC_AUDIT",
+}
 # Env vars that carry credentials: they may only come from a Secret.
 CREDENTIAL_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|NKEY|SEED|DATABASE__URL|NATS__USER")
 # A URL with user:password@ in it, anywhere in the rendered text.
@@ -80,6 +86,7 @@ def load_values(paths: list[str]) -> dict:
 # rendered: checks of one `helm template` output
 # ------------------------------------------------------------------------------------------
 
+
 def pod_specs(doc: dict) -> Iterator[tuple[str, dict]]:
     kind = doc.get("kind")
     name = doc["metadata"]["name"]
@@ -115,7 +122,8 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
     partitions = values["config"]["partitions"]
     image = values["image"]
     expected_image = (
-        f"{image['repository']}@{image['digest']}" if image.get("digest")
+        f"{image['repository']}@{image['digest']}"
+        if image.get("digest")
         else f"{image['repository']}:{image.get('tag') or '0.1.0'}"
     )
 
@@ -123,18 +131,25 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
     for doc in docs:
         labels = doc["metadata"].get("labels", {})
         what = f"{doc['kind']}/{doc['metadata']['name']}"
-        f.check(labels.get("app.kubernetes.io/name") == "devsync" and "app.kubernetes.io/instance" in labels,
-                f"{what} lacks the app.kubernetes.io/name and instance labels")
+        f.check(
+            labels.get("app.kubernetes.io/name") == "devsync" and "app.kubernetes.io/instance" in labels,
+            f"{what} lacks the app.kubernetes.io/name and instance labels",
+        )
     f.check("Secret" not in by_kind, "the chart renders a Secret: credentials must come from existing Secrets")
     f.check(not URL_WITH_PASSWORD.search(text), "a URL with a password appears in the rendered manifests")
 
     # --- every pod and container ------------------------------------------------------------
     for doc in docs:
         for where, pod in pod_specs(doc):
-            f.check(pod.get("automountServiceAccountToken") is False, f"{where}: automountServiceAccountToken is not false")
+            f.check(
+                pod.get("automountServiceAccountToken") is False, f"{where}: automountServiceAccountToken is not false"
+            )
             psc = pod.get("securityContext", {})
             f.check(psc.get("runAsNonRoot") is True, f"{where}: pod securityContext.runAsNonRoot is not true")
-            f.check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: pod seccomp is not RuntimeDefault")
+            f.check(
+                psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+                f"{where}: pod seccomp is not RuntimeDefault",
+            )
             f.check(pod.get("enableServiceLinks") is False, f"{where}: enableServiceLinks is not false")
             for c in containers(pod):
                 cw = f"{where} container {c['name']}"
@@ -149,34 +164,67 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
                 f.check(sc.get("privileged") is not True, f"{cw}: privileged")
                 f.check(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{cw}: capabilities.drop is not [ALL]")
                 f.check(not sc.get("capabilities", {}).get("add"), f"{cw}: adds capabilities")
-                f.check(sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{cw}: seccomp is not RuntimeDefault")
+                f.check(
+                    sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{cw}: seccomp is not RuntimeDefault"
+                )
                 f.check(c.get("image") == expected_image, f"{cw}: image {c.get('image')} is not {expected_image}")
-                f.check(str(c.get("command", [""])[0]).startswith("/usr/local/bin/devsync"),
-                        f"{cw}: command does not start with a devsync binary")
-                f.check(any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])),
-                        f"{cw}: no writable /tmp (the root filesystem is read-only)")
+                f.check(
+                    str(c.get("command", [""])[0]).startswith("/usr/local/bin/devsync"),
+                    f"{cw}: command does not start with a devsync binary",
+                )
+                f.check(
+                    any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])),
+                    f"{cw}: no writable /tmp (the root filesystem is read-only)",
+                )
+                names = [e["name"] for e in c.get("env", [])]
+                f.check(
+                    len(names) == len(set(names)),
+                    f"{cw}: duplicate env vars {sorted({n for n in names if names.count(n) > 1})}",
+                )
+                volumes = {v["name"] for v in pod.get("volumes", [])}
+                f.check(
+                    all(m["name"] in volumes for m in c.get("volumeMounts", [])), f"{cw}: mounts a volume the pod lacks"
+                )
                 env = env_map(c)
                 for name, entry in env.items():
                     if CREDENTIAL_ENV.search(name):
-                        f.check("value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}),
-                                f"{cw}: {name} does not come from a Secret")
-                f.check(env.get("DEVSYNC_INSTANCE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
-                        == "metadata.name", f"{cw}: DEVSYNC_INSTANCE is not the pod name")
-                f.check(env.get("DEVSYNC_DATABASE__URL", {}).get("valueFrom", {}).get("secretKeyRef")
-                        == {"name": values["database"]["existingSecret"], "key": values["database"]["urlKey"]},
-                        f"{cw}: DEVSYNC_DATABASE__URL is not read from the database Secret")
+                        f.check(
+                            "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}),
+                            f"{cw}: {name} does not come from a Secret",
+                        )
+                f.check(
+                    env.get("DEVSYNC_INSTANCE", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+                    == "metadata.name",
+                    f"{cw}: DEVSYNC_INSTANCE is not the pod name",
+                )
+                f.check(
+                    env.get("DEVSYNC_DATABASE__URL", {}).get("valueFrom", {}).get("secretKeyRef")
+                    == {"name": values["database"]["existingSecret"], "key": values["database"]["urlKey"]},
+                    f"{cw}: DEVSYNC_DATABASE__URL is not read from the database Secret",
+                )
                 check_nats_auth(cw, c, pod, values, f)
-                f.check(env.get("DEVSYNC_SHUTDOWN__DRAIN_TIMEOUT", {}).get("value") == f"{drain}s",
-                        f"{cw}: DEVSYNC_SHUTDOWN__DRAIN_TIMEOUT is not {drain}s")
-                f.check(env.get("DEVSYNC_TOPOLOGY__PARTITIONS", {}).get("value") == str(partitions),
-                        f"{cw}: DEVSYNC_TOPOLOGY__PARTITIONS is not {partitions}")
-                f.check(env.get("DEVSYNC_LOG__FORMAT", {}).get("value") == values["config"]["log"]["format"],
-                        f"{cw}: DEVSYNC_LOG__FORMAT does not follow config.log.format")
+                f.check(
+                    env.get("DEVSYNC_SHUTDOWN__DRAIN_TIMEOUT", {}).get("value") == f"{drain}s",
+                    f"{cw}: DEVSYNC_SHUTDOWN__DRAIN_TIMEOUT is not {drain}s",
+                )
+                f.check(
+                    env.get("DEVSYNC_TOPOLOGY__PARTITIONS", {}).get("value") == str(partitions),
+                    f"{cw}: DEVSYNC_TOPOLOGY__PARTITIONS is not {partitions}",
+                )
+                f.check(
+                    env.get("DEVSYNC_LOG__FORMAT", {}).get("value") == values["config"]["log"]["format"],
+                    f"{cw}: DEVSYNC_LOG__FORMAT does not follow config.log.format",
+                )
                 if values["otel"]["endpoint"]:
-                    f.check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", {}).get("value") == values["otel"]["endpoint"],
-                            f"{cw}: OTEL_EXPORTER_OTLP_ENDPOINT is not otel.endpoint")
+                    f.check(
+                        env.get("OTEL_EXPORTER_OTLP_ENDPOINT", {}).get("value") == values["otel"]["endpoint"],
+                        f"{cw}: OTEL_EXPORTER_OTLP_ENDPOINT is not otel.endpoint",
+                    )
                 else:
-                    f.check("OTEL_EXPORTER_OTLP_ENDPOINT" not in env, f"{cw}: OTLP endpoint set although otel.endpoint is empty")
+                    f.check(
+                        "OTEL_EXPORTER_OTLP_ENDPOINT" not in env,
+                        f"{cw}: OTLP endpoint set although otel.endpoint is empty",
+                    )
                 for key, value in (values["config"].get("env") or {}).items():
                     want = str(value).lower() if isinstance(value, bool) else str(value)
                     component = component_of(doc)
@@ -202,99 +250,163 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
         (c,) = pod["containers"]
         where = f"Deployment/{dname}"
         f.check(c["command"] == [f"/usr/local/bin/devsync-{name}"], f"{where}: command is {c['command']}")
-        f.check(c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", f"{where}: no liveness probe on /healthz")
-        f.check(c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz", f"{where}: no readiness probe on /readyz")
-        f.check(c.get("startupProbe", {}).get("httpGet", {}).get("path") == "/healthz", f"{where}: no startup probe on /healthz")
-        f.check({"name": "http", "containerPort": 8080, "protocol": "TCP"} in c.get("ports", []), f"{where}: no http port 8080")
-        f.check(env_map(c).get("DEVSYNC_HTTP__LISTEN", {}).get("value") == "0.0.0.0:8080", f"{where}: DEVSYNC_HTTP__LISTEN")
+        f.check(
+            c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz",
+            f"{where}: no liveness probe on /healthz",
+        )
+        f.check(
+            c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz",
+            f"{where}: no readiness probe on /readyz",
+        )
+        f.check(
+            c.get("startupProbe", {}).get("httpGet", {}).get("path") == "/healthz",
+            f"{where}: no startup probe on /healthz",
+        )
+        f.check(
+            {"name": "http", "containerPort": 8080, "protocol": "TCP"} in c.get("ports", []),
+            f"{where}: no http port 8080",
+        )
+        f.check(
+            env_map(c).get("DEVSYNC_HTTP__LISTEN", {}).get("value") == "0.0.0.0:8080", f"{where}: DEVSYNC_HTTP__LISTEN"
+        )
         sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         f.check(sleep == v["preStopSleepSeconds"], f"{where}: preStop sleep {sleep} is not {v['preStopSleepSeconds']}")
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        f.check(grace > drain + sleep, f"{where}: terminationGracePeriodSeconds {grace} <= drain {drain} + preStop {sleep}")
+        f.check(
+            grace > drain + sleep, f"{where}: terminationGracePeriodSeconds {grace} <= drain {drain} + preStop {sleep}"
+        )
         f.check(grace == v["terminationGracePeriodSeconds"], f"{where}: terminationGracePeriodSeconds is not the value")
-        f.check(dep["spec"]["strategy"].get("rollingUpdate", {}).get("maxUnavailable") == 0, f"{where}: rollout may drop capacity")
+        f.check(
+            dep["spec"]["strategy"].get("rollingUpdate", {}).get("maxUnavailable") == 0,
+            f"{where}: rollout may drop capacity",
+        )
         f.check(pod.get("topologySpreadConstraints"), f"{where}: no topology spread")
         for key in ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints", "priorityClassName"):
             if v.get(key):
                 f.check(pod.get(key) == v[key], f"{where}: {key} not rendered from values")
         for key, value in (v.get("podLabels") or {}).items():
-            f.check(dep["spec"]["template"]["metadata"]["labels"].get(key) == value, f"{where}: pod label {key} missing")
-        f.check(set(dep["spec"]["selector"]["matchLabels"].items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items()),
-                f"{where}: selector does not match the pod labels")
+            f.check(
+                dep["spec"]["template"]["metadata"]["labels"].get(key) == value, f"{where}: pod label {key} missing"
+            )
+        f.check(
+            set(dep["spec"]["selector"]["matchLabels"].items())
+            <= set(dep["spec"]["template"]["metadata"]["labels"].items()),
+            f"{where}: selector does not match the pod labels",
+        )
 
         autoscaled = v["hpa"]["enabled"] or v["keda"]["enabled"]
         if autoscaled:
             f.check("replicas" not in dep["spec"], f"{where}: replicas is set although an autoscaler owns it")
         else:
-            f.check(dep["spec"].get("replicas") == v["replicaCount"],
-                    f"{where}: replicas {dep['spec'].get('replicas')} is not replicaCount {v['replicaCount']}")
+            f.check(
+                dep["spec"].get("replicas") == v["replicaCount"],
+                f"{where}: replicas {dep['spec'].get('replicas')} is not replicaCount {v['replicaCount']}",
+            )
         cap = partitions if name == "reconciler" else None
 
         hpa = hpas.get(dname)
-        f.check((hpa is not None) == v["hpa"]["enabled"], f"{where}: HPA present={hpa is not None}, hpa.enabled={v['hpa']['enabled']}")
+        f.check(
+            (hpa is not None) == v["hpa"]["enabled"],
+            f"{where}: HPA present={hpa is not None}, hpa.enabled={v['hpa']['enabled']}",
+        )
         if hpa is not None:
             want_max = min(v["hpa"]["maxReplicas"], cap) if cap else v["hpa"]["maxReplicas"]
-            f.check(hpa["spec"]["maxReplicas"] == want_max, f"HPA/{dname}: maxReplicas {hpa['spec']['maxReplicas']} is not {want_max}")
+            f.check(
+                hpa["spec"]["maxReplicas"] == want_max,
+                f"HPA/{dname}: maxReplicas {hpa['spec']['maxReplicas']} is not {want_max}",
+            )
             f.check(hpa["spec"]["minReplicas"] == v["hpa"]["minReplicas"], f"HPA/{dname}: minReplicas")
             names = [m["resource"]["name"] for m in hpa["spec"]["metrics"]]
             want = ["cpu"] + (["memory"] if v["hpa"].get("targetMemoryUtilizationPercentage") is not None else [])
             f.check(names == want, f"HPA/{dname}: metrics {names} are not {want}")
 
         so = scaled.get(dname)
-        f.check((so is not None) == v["keda"]["enabled"], f"{where}: ScaledObject present={so is not None}, keda.enabled={v['keda']['enabled']}")
+        f.check(
+            (so is not None) == v["keda"]["enabled"],
+            f"{where}: ScaledObject present={so is not None}, keda.enabled={v['keda']['enabled']}",
+        )
         if so is not None:
             check_scaled_object(name, so, v["keda"], values, cap, f)
 
         pdb = pdbs.get(name)
-        f.check((pdb is not None) == v["pdb"]["enabled"], f"{where}: PDB present={pdb is not None}, pdb.enabled={v['pdb']['enabled']}")
+        f.check(
+            (pdb is not None) == v["pdb"]["enabled"],
+            f"{where}: PDB present={pdb is not None}, pdb.enabled={v['pdb']['enabled']}",
+        )
         if pdb is not None:
             if v["pdb"].get("minAvailable") is not None:
-                f.check(pdb["spec"].get("minAvailable") == v["pdb"]["minAvailable"] and "maxUnavailable" not in pdb["spec"],
-                        f"PDB/{name}: minAvailable not rendered")
+                f.check(
+                    pdb["spec"].get("minAvailable") == v["pdb"]["minAvailable"] and "maxUnavailable" not in pdb["spec"],
+                    f"PDB/{name}: minAvailable not rendered",
+                )
             else:
-                f.check(pdb["spec"].get("maxUnavailable") == v["pdb"]["maxUnavailable"], f"PDB/{name}: maxUnavailable not rendered")
-            f.check(pdb["spec"]["selector"] == dep["spec"]["selector"], f"PDB/{name}: selects other pods than its Deployment")
+                f.check(
+                    pdb["spec"].get("maxUnavailable") == v["pdb"]["maxUnavailable"],
+                    f"PDB/{name}: maxUnavailable not rendered",
+                )
+            f.check(
+                pdb["spec"]["selector"] == dep["spec"]["selector"],
+                f"PDB/{name}: selects other pods than its Deployment",
+            )
 
         svc = services.get(name)
         f.check(svc is not None, f"no Service for {name}")
         if svc is not None:
             f.check(svc["spec"]["type"] == "ClusterIP", f"Service/{name}: not ClusterIP")
-            f.check(svc["spec"]["ports"][0]["port"] == 8080 and svc["spec"]["ports"][0]["targetPort"] == "http",
-                    f"Service/{name}: not port 8080 -> http")
+            f.check(
+                svc["spec"]["ports"][0]["port"] == 8080 and svc["spec"]["ports"][0]["targetPort"] == "http",
+                f"Service/{name}: not port 8080 -> http",
+            )
             f.check(svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"], f"Service/{name}: selector")
 
     # --- ServiceAccounts ----------------------------------------------------------------------
     for sa in by_kind.get("ServiceAccount", []):
-        f.check(sa.get("automountServiceAccountToken") is False, f"ServiceAccount/{sa['metadata']['name']}: token automount")
-    f.check(bool(by_kind.get("ServiceAccount")) == values["serviceAccount"]["create"], "ServiceAccounts do not follow serviceAccount.create")
+        f.check(
+            sa.get("automountServiceAccountToken") is False, f"ServiceAccount/{sa['metadata']['name']}: token automount"
+        )
+    f.check(
+        bool(by_kind.get("ServiceAccount")) == values["serviceAccount"]["create"],
+        "ServiceAccounts do not follow serviceAccount.create",
+    )
 
     # --- hook Job and test Pod ----------------------------------------------------------------
     jobs = by_kind.get("Job", [])
     f.check(len(jobs) == (1 if values["migrate"]["enabled"] else 0), "migrate hook Job missing or duplicated")
     for job in jobs:
         ann = job["metadata"].get("annotations", {})
-        f.check(ann.get("helm.sh/hook") == "pre-install,pre-upgrade", "migrate Job is not a pre-install,pre-upgrade hook")
+        f.check(
+            ann.get("helm.sh/hook") == "pre-install,pre-upgrade", "migrate Job is not a pre-install,pre-upgrade hook"
+        )
         pod = job["spec"]["template"]["spec"]
         f.check(pod.get("restartPolicy") == "Never", "migrate Job restartPolicy is not Never")
         commands = [c["command"] for c in containers(pod)]
-        f.check(commands == [["/usr/local/bin/devsyncctl", "migrate"], ["/usr/local/bin/devsyncctl", "bootstrap"]],
-                f"migrate Job runs {commands}, expected devsyncctl migrate then bootstrap")
+        f.check(
+            commands == [["/usr/local/bin/devsyncctl", "migrate"], ["/usr/local/bin/devsyncctl", "bootstrap"]],
+            f"migrate Job runs {commands}, expected devsyncctl migrate then bootstrap",
+        )
         # Everything a hook needs must itself be a hook of lower weight (it runs before the rest).
         for vol in pod.get("volumes", []):
             if "configMap" in vol:
                 cm = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"] == vol["configMap"]["name"]]
-                f.check(cm and cm[0]["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade",
-                        "the migrate Job mounts a ConfigMap that is not a hook")
+                f.check(
+                    cm and cm[0]["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade",
+                    "the migrate Job mounts a ConfigMap that is not a hook",
+                )
         if values["serviceAccount"]["create"]:
             sa = [d for d in by_kind.get("ServiceAccount", []) if d["metadata"]["name"] == pod["serviceAccountName"]]
-            f.check(sa and sa[0]["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade",
-                    "the migrate Job uses a ServiceAccount that is not a hook")
+            f.check(
+                sa and sa[0]["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade",
+                "the migrate Job uses a ServiceAccount that is not a hook",
+            )
     tests = [p for p in by_kind.get("Pod", []) if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
     f.check(len(tests) == (1 if values["tests"]["enabled"] else 0), "helm test Pod missing or duplicated")
     for pod in tests:
         (c,) = pod["spec"]["containers"]
-        f.check(c["command"] == ["/usr/local/bin/devsyncctl", "smoke", "--timeout", f"{values['tests']['timeoutSeconds']}s"],
-                f"test Pod runs {c['command']}")
+        f.check(
+            c["command"]
+            == ["/usr/local/bin/devsyncctl", "smoke", "--timeout", f"{values['tests']['timeoutSeconds']}s"],
+            f"test Pod runs {c['command']}",
+        )
         f.check(pod["spec"].get("restartPolicy") == "Never", "test Pod restartPolicy is not Never")
 
     check_network_policies(by_kind.get("NetworkPolicy", []), values, f)
@@ -306,37 +418,81 @@ def check_nats_auth(cw: str, c: dict, pod: dict, values: dict, f: Failures) -> N
     auth = values["nats"]["auth"]
     identity = c["name"] if c["name"] in SERVICES else "admin"
     if auth["type"] == "userPassword":
-        for var, key in (("DEVSYNC_NATS__USER", f"{identity}-user"), ("DEVSYNC_NATS__PASSWORD", f"{identity}-password")):
-            f.check(env.get(var, {}).get("valueFrom", {}).get("secretKeyRef") == {"name": auth["existingSecret"], "key": key},
-                    f"{cw}: {var} is not key {key} of Secret {auth['existingSecret']}")
+        for var, key in (
+            ("DEVSYNC_NATS__USER", f"{identity}-user"),
+            ("DEVSYNC_NATS__PASSWORD", f"{identity}-password"),
+        ):
+            f.check(
+                env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+                == {"name": auth["existingSecret"], "key": key},
+                f"{cw}: {var} is not key {key} of Secret {auth['existingSecret']}",
+            )
         f.check("DEVSYNC_NATS__CREDS_FILE" not in env, f"{cw}: creds file set with userPassword")
     elif auth["type"] == "credsFile":
         path = f"/etc/devsync/nats/{identity}.creds"
-        f.check(env.get("DEVSYNC_NATS__CREDS_FILE", {}).get("value") == path, f"{cw}: DEVSYNC_NATS__CREDS_FILE is not {path}")
+        f.check(
+            env.get("DEVSYNC_NATS__CREDS_FILE", {}).get("value") == path,
+            f"{cw}: DEVSYNC_NATS__CREDS_FILE is not {path}",
+        )
         f.check("DEVSYNC_NATS__PASSWORD" not in env, f"{cw}: password set with credsFile")
         mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
-        f.check(mounts.get("nats-creds", {}).get("mountPath") == "/etc/devsync/nats" and mounts["nats-creds"].get("readOnly"),
-                f"{cw}: creds not mounted read-only at /etc/devsync/nats")
+        f.check(
+            mounts.get("nats-creds", {}).get("mountPath") == "/etc/devsync/nats"
+            and mounts["nats-creds"].get("readOnly"),
+            f"{cw}: creds not mounted read-only at /etc/devsync/nats",
+        )
         vols = {v["name"]: v for v in pod.get("volumes", [])}
         secret = vols.get("nats-creds", {}).get("secret", {})
-        f.check(secret.get("secretName") == auth["existingSecret"], f"{cw}: creds volume is not Secret {auth['existingSecret']}")
-        f.check(secret.get("items") == [{"key": f"{identity}.creds", "path": f"{identity}.creds"}],
-                f"{cw}: creds volume does not project only {identity}.creds")
+        f.check(
+            secret.get("secretName") == auth["existingSecret"],
+            f"{cw}: creds volume is not Secret {auth['existingSecret']}",
+        )
+        f.check(
+            secret.get("items") == [{"key": f"{identity}.creds", "path": f"{identity}.creds"}],
+            f"{cw}: creds volume does not project only {identity}.creds",
+        )
         f.check(secret.get("defaultMode") == 0o440, f"{cw}: creds file mode is not 0440")
     else:
-        f.check(not any(k.startswith("DEVSYNC_NATS__") and k != "DEVSYNC_NATS__URL" for k in env),
-                f"{cw}: NATS credentials set although nats.auth.type is none")
+        f.check(
+            not any(k.startswith("DEVSYNC_NATS__") and k != "DEVSYNC_NATS__URL" for k in env),
+            f"{cw}: NATS credentials set although nats.auth.type is none",
+        )
 
 
 # The fields KEDA documents for a ScaledObject and its triggers (keda.sh/v1alpha1).
-SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
-                      "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers"}
+SCALED_OBJECT_SPEC = {
+    "scaleTargetRef",
+    "pollingInterval",
+    "cooldownPeriod",
+    "initialCooldownPeriod",
+    "idleReplicaCount",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "fallback",
+    "advanced",
+    "triggers",
+}
 TRIGGER_KEYS = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
 TRIGGER_METADATA = {
-    "nats-jetstream": {"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold",
-                       "activationLagThreshold", "useHttps"},
-    "metrics-api": {"url", "format", "valueLocation", "targetValue", "activationTargetValue", "method",
-                    "authMode", "unsafeSsl"},
+    "nats-jetstream": {
+        "natsServerMonitoringEndpoint",
+        "account",
+        "stream",
+        "consumer",
+        "lagThreshold",
+        "activationLagThreshold",
+        "useHttps",
+    },
+    "metrics-api": {
+        "url",
+        "format",
+        "valueLocation",
+        "targetValue",
+        "activationTargetValue",
+        "method",
+        "authMode",
+        "unsafeSsl",
+    },
 }
 SCALING_MODIFIERS = {"formula", "target", "activationTarget", "metricType"}
 
@@ -346,8 +502,10 @@ def check_scaled_object(name: str, so: dict, keda: dict, values: dict, cap: int 
     spec = so["spec"]
     f.check(so["apiVersion"] == "keda.sh/v1alpha1", f"{what}: apiVersion")
     f.check(set(spec) <= SCALED_OBJECT_SPEC, f"{what}: unknown spec fields {sorted(set(spec) - SCALED_OBJECT_SPEC)}")
-    f.check(spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": so["metadata"]["name"]},
-            f"{what}: scaleTargetRef")
+    f.check(
+        spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": so["metadata"]["name"]},
+        f"{what}: scaleTargetRef",
+    )
     want_max = min(keda["maxReplicaCount"], cap) if cap else keda["maxReplicaCount"]
     f.check(spec["maxReplicaCount"] == want_max, f"{what}: maxReplicaCount {spec['maxReplicaCount']} is not {want_max}")
     f.check(spec["minReplicaCount"] == keda["minReplicaCount"], f"{what}: minReplicaCount")
@@ -356,36 +514,56 @@ def check_scaled_object(name: str, so: dict, keda: dict, values: dict, cap: int 
     for t in triggers:
         f.check(set(t) <= TRIGGER_KEYS, f"{what}: unknown trigger fields {sorted(set(t) - TRIGGER_KEYS)}")
         allowed = TRIGGER_METADATA.get(t["type"], set())
-        f.check(set(t["metadata"]) <= allowed, f"{what}: unknown {t['type']} metadata {sorted(set(t['metadata']) - allowed)}")
-        f.check(all(isinstance(x, str) for x in t["metadata"].values()), f"{what}: trigger metadata values must be strings")
+        f.check(
+            set(t["metadata"]) <= allowed,
+            f"{what}: unknown {t['type']} metadata {sorted(set(t['metadata']) - allowed)}",
+        )
+        f.check(
+            all(isinstance(x, str) for x in t["metadata"].values()), f"{what}: trigger metadata values must be strings"
+        )
     g = values["keda"]
     stream = STREAM_OF[name]
     if keda["trigger"] == "metrics-api":
-        f.check(len(triggers) == 1 and triggers[0]["type"] == "metrics-api", f"{what}: expected one metrics-api trigger")
+        f.check(
+            len(triggers) == 1 and triggers[0]["type"] == "metrics-api", f"{what}: expected one metrics-api trigger"
+        )
         md = triggers[0]["metadata"]
         scheme = "https" if g["useHttps"] else "http"
         f.check(md["url"].startswith(f"{scheme}://{g['natsMonitoringEndpoint']}/jsz?acc="), f"{what}: url {md['url']}")
-        f.check(md["valueLocation"] == f'account_details.0.stream_detail.#(name=="{stream}").state.messages',
-                f"{what}: valueLocation {md['valueLocation']}")
+        f.check(
+            md["valueLocation"] == f'account_details.0.stream_detail.#(name=="{stream}").state.messages',
+            f"{what}: valueLocation {md['valueLocation']}",
+        )
         f.check(md["targetValue"] == str(keda["lagThreshold"]), f"{what}: targetValue")
     elif name == "reconciler":
         partitions = values["config"]["partitions"]
         consumers = sorted(t["metadata"]["consumer"] for t in triggers)
         want = sorted(f"reconcile-{lane}-{k}" for lane in ("rt", "bulk") for k in range(partitions))
         f.check(consumers == want, f"{what}: triggers cover {len(consumers)} consumers, expected {len(want)}")
-        f.check(all(t["type"] == "nats-jetstream" and t["metadata"]["stream"] == "DEVSYNC_REQ" for t in triggers),
-                f"{what}: every trigger must be nats-jetstream on DEVSYNC_REQ")
+        f.check(
+            all(t["type"] == "nats-jetstream" and t["metadata"]["stream"] == "DEVSYNC_REQ" for t in triggers),
+            f"{what}: every trigger must be nats-jetstream on DEVSYNC_REQ",
+        )
         mods = spec.get("advanced", {}).get("scalingModifiers", {})
         f.check(set(mods) <= SCALING_MODIFIERS, f"{what}: unknown scalingModifiers fields")
-        f.check(sorted(mods.get("formula", "").split(" + ")) == sorted(t["name"] for t in triggers),
-                f"{what}: the formula does not sum every trigger")
+        f.check(
+            sorted(mods.get("formula", "").split(" + ")) == sorted(t["name"] for t in triggers),
+            f"{what}: the formula does not sum every trigger",
+        )
         f.check(mods.get("target") == str(keda["lagThreshold"]), f"{what}: formula target")
     else:
-        f.check(len(triggers) == 1 and triggers[0]["type"] == "nats-jetstream", f"{what}: expected one nats-jetstream trigger")
+        f.check(
+            len(triggers) == 1 and triggers[0]["type"] == "nats-jetstream",
+            f"{what}: expected one nats-jetstream trigger",
+        )
         md = triggers[0]["metadata"]
-        f.check(md["stream"] == stream and md["consumer"] == name, f"{what}: trigger on {md['stream']}/{md['consumer']}")
-        f.check(md["natsServerMonitoringEndpoint"] == g["natsMonitoringEndpoint"] and md["account"] == g["account"],
-                f"{what}: endpoint/account not from keda.*")
+        f.check(
+            md["stream"] == stream and md["consumer"] == name, f"{what}: trigger on {md['stream']}/{md['consumer']}"
+        )
+        f.check(
+            md["natsServerMonitoringEndpoint"] == g["natsMonitoringEndpoint"] and md["account"] == g["account"],
+            f"{what}: endpoint/account not from keda.*",
+        )
         f.check(md["lagThreshold"] == str(keda["lagThreshold"]), f"{what}: lagThreshold")
 
 
@@ -401,8 +579,10 @@ def check_network_policies(policies: list[dict], values: dict, f: Failures) -> N
         what = f"NetworkPolicy/{p['metadata']['name']}"
         for rule in p["spec"].get("ingress", []):
             f.check(rule.get("from"), f"{what}: an ingress rule without `from` admits everyone")
-            f.check(all(port["port"] == 8080 for port in rule.get("ports", [])) and rule.get("ports"),
-                    f"{what}: ingress to another port than 8080")
+            f.check(
+                all(port["port"] == 8080 for port in rule.get("ports", [])) and rule.get("ports"),
+                f"{what}: ingress to another port than 8080",
+            )
         for rule in p["spec"].get("egress", []):
             f.check(rule.get("to"), f"{what}: an egress rule without `to` allows everything")
             f.check(rule.get("ports"), f"{what}: an egress rule without ports")
@@ -412,19 +592,26 @@ def check_network_policies(policies: list[dict], values: dict, f: Failures) -> N
                     check_ip_block(what, peer["ipBlock"], f)
     if base:
         spec = base[0]["spec"]
-        f.check(spec["policyTypes"] == ["Ingress", "Egress"], "baseline NetworkPolicy does not restrict both directions")
+        f.check(
+            spec["policyTypes"] == ["Ingress", "Egress"], "baseline NetworkPolicy does not restrict both directions"
+        )
         egress_ports = sorted({port["port"] for rule in spec.get("egress", []) for port in rule["ports"]})
         want = {53, *np["nats"]["ports"], *np["postgres"]["ports"]}
         if values["otel"]["endpoint"]:
             want |= set(np["otlp"]["ports"])
         f.check(egress_ports == sorted(want), f"baseline egress ports {egress_ports} are not {sorted(want)}")
     webhooks = [p for n, p in names.items() if n.endswith("-fanout-webhooks")]
-    f.check(len(webhooks) == (1 if np["fanoutWebhooks"]["enabled"] else 0), "fan-out webhook egress does not follow its switch")
+    f.check(
+        len(webhooks) == (1 if np["fanoutWebhooks"]["enabled"] else 0),
+        "fan-out webhook egress does not follow its switch",
+    )
     for p in webhooks:
         blocks = [peer["ipBlock"] for rule in p["spec"]["egress"] for peer in rule["to"]]
         f.check(blocks == np["fanoutWebhooks"]["ipBlocks"], f"webhook ipBlocks {blocks}")
-        f.check(p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "fanout",
-                "webhook egress applies to other pods than the fan-out")
+        f.check(
+            p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "fanout",
+            "webhook egress applies to other pods than the fan-out",
+        )
     audit_api = [p for n, p in names.items() if n.endswith("-audit-api")]
     f.check(len(audit_api) == 1, "no NetworkPolicy opening the audit search API")
 
@@ -438,14 +625,36 @@ def check_ip_block(what: str, block: dict, f: Failures) -> None:
         f.check(False, f"{what}: invalid ipBlock {block}: {exc}")
         return
     for e in excepts:
-        f.check(e.version == net.version and e.subnet_of(net) and e != net,
-                f"{what}: except {e} is not strictly inside {net}")
+        f.check(
+            e.version == net.version and e.subnet_of(net) and e != net,
+            f"{what}: except {e} is not strictly inside {net}",
+        )
 
 
-SERVICE_MONITOR_SPEC = {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels", "podTargetLabels",
-                        "sampleLimit", "targetLimit", "attachMetadata"}
-ENDPOINT_KEYS = {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings", "metricRelabelings",
-                 "tlsConfig", "bearerTokenSecret", "params"}
+SERVICE_MONITOR_SPEC = {
+    "selector",
+    "namespaceSelector",
+    "endpoints",
+    "jobLabel",
+    "targetLabels",
+    "podTargetLabels",
+    "sampleLimit",
+    "targetLimit",
+    "attachMetadata",
+}
+ENDPOINT_KEYS = {
+    "port",
+    "path",
+    "scheme",
+    "interval",
+    "scrapeTimeout",
+    "honorLabels",
+    "relabelings",
+    "metricRelabelings",
+    "tlsConfig",
+    "bearerTokenSecret",
+    "params",
+}
 
 
 def check_service_monitor(monitors: list[dict], values: dict, f: Failures) -> None:
@@ -453,7 +662,10 @@ def check_service_monitor(monitors: list[dict], values: dict, f: Failures) -> No
     f.check(len(monitors) == (1 if sm["enabled"] else 0), "ServiceMonitor does not follow serviceMonitor.enabled")
     for m in monitors:
         f.check(m["apiVersion"] == "monitoring.coreos.com/v1", "ServiceMonitor apiVersion")
-        f.check(set(m["spec"]) <= SERVICE_MONITOR_SPEC, f"ServiceMonitor: unknown spec fields {sorted(set(m['spec']) - SERVICE_MONITOR_SPEC)}")
+        f.check(
+            set(m["spec"]) <= SERVICE_MONITOR_SPEC,
+            f"ServiceMonitor: unknown spec fields {sorted(set(m['spec']) - SERVICE_MONITOR_SPEC)}",
+        )
         for key, value in (sm.get("labels") or {}).items():
             f.check(m["metadata"]["labels"].get(key) == value, f"ServiceMonitor: label {key} missing")
         (ep,) = m["spec"]["endpoints"]
@@ -465,6 +677,7 @@ def check_service_monitor(monitors: list[dict], values: dict, f: Failures) -> No
 # ------------------------------------------------------------------------------------------
 # chart: checks of the schema, the documentation of values.yaml, and bad values
 # ------------------------------------------------------------------------------------------
+
 
 def walk_schema(node: Any, path: str) -> Iterator[tuple[str, dict]]:
     if isinstance(node, dict):
@@ -509,37 +722,78 @@ def undocumented_keys(values_text: str) -> list[str]:
 # so they are checked with helm template, as install and upgrade render).
 BAD_VALUES = [
     ("unknown top-level key", {"replicas": 3}, "lint", "additional properties 'replicas' not allowed"),
-    ("unknown nested key", {"reconciler": {"keda": {"maxReplicas": 3}}}, "lint",
-     "additional properties 'maxReplicas' not allowed"),
-    ("unknown key in resources", {"audit": {"resources": {"requests": {"gpu": 1}}}}, "lint",
-     "additional properties 'gpu' not allowed"),
+    (
+        "unknown nested key",
+        {"reconciler": {"keda": {"maxReplicas": 3}}},
+        "lint",
+        "additional properties 'maxReplicas' not allowed",
+    ),
+    (
+        "unknown key in resources",
+        {"audit": {"resources": {"requests": {"gpu": 1}}}},
+        "lint",
+        "additional properties 'gpu' not allowed",
+    ),
     ("wrong type: replicaCount as string", {"requestor": {"replicaCount": "2"}}, "lint", "replicaCount"),
     ("wrong type: networkPolicy.enabled as string", {"networkPolicy": {"enabled": "yes"}}, "lint", "enabled"),
     ("wrong type: partitions as float", {"config": {"partitions": 6.5}}, "lint", "partitions"),
     ("bad enum: nats.auth.type", {"nats": {"auth": {"type": "token"}}}, "lint", "type"),
-    ("credential in plain env", {"config": {"env": {"DEVSYNC_DATABASE__URL": "postgres://u:p@db/devsync"}}}, "lint",
-     "DEVSYNC_DATABASE__URL"),
-    ("credential in a service's env", {"fanout": {"env": {"DEVSYNC_NATS__PASSWORD": "x"}}}, "lint",
-     "DEVSYNC_NATS__PASSWORD"),
-    ("grace period shorter than the drain", {"audit": {"terminationGracePeriodSeconds": 20}}, "template",
-     "audit.terminationGracePeriodSeconds (20) must be greater than"),
-    ("hpa and keda together", {"fanout": {"hpa": {"enabled": True}, "keda": {"enabled": True}}}, "template",
-     "exclusive"),
-    ("more reconcilers than partitions", {"config": {"partitions": 4}, "reconciler": {"replicaCount": 5}},
-     "template", "must not exceed config.partitions"),
-    ("webhooks on without ranges", {"networkPolicy": {"fanoutWebhooks": {"enabled": True}}}, "template",
-     "ipBlocks must list at least one range"),
-    ("webhook range without a cidr", {"networkPolicy": {"fanoutWebhooks": {"ipBlocks": [{"except": ["10.0.0.0/8"]}]}}},
-     "lint", "cidr"),
+    (
+        "credential in plain env",
+        {"config": {"env": {"DEVSYNC_DATABASE__URL": "postgres://u:p@db/devsync"}}},
+        "lint",
+        "DEVSYNC_DATABASE__URL",
+    ),
+    (
+        "credential in a service's env",
+        {"fanout": {"env": {"DEVSYNC_NATS__PASSWORD": "x"}}},
+        "lint",
+        "DEVSYNC_NATS__PASSWORD",
+    ),
+    (
+        "grace period shorter than the drain",
+        {"audit": {"terminationGracePeriodSeconds": 20}},
+        "template",
+        "audit.terminationGracePeriodSeconds (20) must be greater than",
+    ),
+    (
+        "hpa and keda together",
+        {"fanout": {"hpa": {"enabled": True}, "keda": {"enabled": True}}},
+        "template",
+        "exclusive",
+    ),
+    (
+        "more reconcilers than partitions",
+        {"config": {"partitions": 4}, "reconciler": {"replicaCount": 5}},
+        "template",
+        "must not exceed config.partitions",
+    ),
+    (
+        "webhooks on without ranges",
+        {"networkPolicy": {"fanoutWebhooks": {"enabled": True}}},
+        "template",
+        "ipBlocks must list at least one range",
+    ),
+    (
+        "webhook range without a cidr",
+        {"networkPolicy": {"fanoutWebhooks": {"ipBlocks": [{"except": ["10.0.0.0/8"]}]}}},
+        "lint",
+        "cidr",
+    ),
 ]
 
 
 def check_chart(chart: Path, helm: str, f: Failures) -> None:
     schema = json.loads((chart / "values.schema.json").read_text())
-    f.check(schema.get("$schema", "").startswith("http://json-schema.org/draft-07/"), "values.schema.json is not draft-07")
+    f.check(
+        schema.get("$schema", "").startswith("http://json-schema.org/draft-07/"), "values.schema.json is not draft-07"
+    )
     for path, node in walk_schema(schema, "#"):
         ap = node.get("additionalProperties", None)
-        f.check(ap is False or isinstance(ap, dict), f"schema object {path} is open (additionalProperties must be false or typed)")
+        f.check(
+            ap is False or isinstance(ap, dict),
+            f"schema object {path} is open (additionalProperties must be false or typed)",
+        )
     missing = undocumented_keys((chart / "values.yaml").read_text())
     f.check(not missing, f"values.yaml keys without a comment above: {missing}")
 
@@ -554,8 +808,11 @@ def check_chart(chart: Path, helm: str, f: Failures) -> None:
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             output = run.stdout + run.stderr
             f.check(run.returncode != 0, f"helm {stage} accepted bad values ({label})")
-            f.check(expected.lower() in output.lower(), f"helm {stage} refused bad values ({label}) without saying "
-                                                        f"{expected!r}: {output.strip().splitlines()[-3:]}")
+            f.check(
+                expected.lower() in output.lower(),
+                f"helm {stage} refused bad values ({label}) without saying "
+                f"{expected!r}: {output.strip().splitlines()[-3:]}",
+            )
 
 
 def main() -> int:

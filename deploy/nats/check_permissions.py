@@ -10,13 +10,15 @@ does, then plays each user's part:
   * every service user does its job: publishes its subjects into their streams (and gets the
     JetStream acknowledgement), binds to its own durable consumer, fetches and acknowledges,
     reads and writes the KV keys it owns, answers devices on their inbox;
-  * every service user is refused what belongs to another service;
+  * every service user may inspect the whole topology (what Topology::verify asks) but declare
+    nothing except its own durable consumers, and is refused what belongs to another service;
   * device-a publishes its own reports, receives its own notifications and replies and reads
     its own desired state, and is refused everything of device-b and every other JetStream API.
 
 Prints one line per check and exits 1 on any violation (2 on a usage or start-up error). The
 whole run is bounded (about a minute at most; a few seconds normally) and the server is always
-stopped. Needs the `nats-py` package.
+stopped. Needs the `nats-py` package. With CHECK_PERMISSIONS_TRACE=1 the server traces the
+protocol and its log is kept as /tmp/check_permissions.log.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 try:
     import nats
@@ -46,8 +48,9 @@ except ImportError:  # pragma: no cover - environment problem, not a check failu
 
 CONFIG = Path(__file__).resolve().with_name("nats-server.conf")
 
-# The passwords of the static test users (see nats-server.conf).
+
 def password(user: str) -> str:
+    """The password of a static test user (see nats-server.conf)."""
     return f"{user}-local"
 
 
@@ -99,7 +102,7 @@ class User:
         self.errors: list[str] = []
 
     @classmethod
-    async def connect(cls, url: str, name: str, inbox_prefix: str | None = None) -> "User":
+    async def connect(cls, url: str, name: str, inbox_prefix: str | None = None) -> User:
         errors: list[str] = []
 
         async def on_error(exc: Exception) -> None:
@@ -216,6 +219,7 @@ async def next_message(sub, timeout: float = REQUEST_TIMEOUT) -> Msg:
 # Topology, declared by admin as `devsyncctl bootstrap` does (R1, file storage).
 # ------------------------------------------------------------------------------------------
 
+
 def stream(name: str, subjects: list[str], retention: str = "workqueue", **extra) -> dict:
     config = {
         "name": name,
@@ -296,8 +300,11 @@ async def create_consumers(user: User, consumers: list[tuple[str, str, str]] | N
         await user.js.add_consumer(
             stream_name,
             ConsumerConfig(
-                durable_name=consumer, name=consumer, filter_subject=filter_subject,
-                ack_policy=AckPolicy.EXPLICIT, max_deliver=5,
+                durable_name=consumer,
+                name=consumer,
+                filter_subject=filter_subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                max_deliver=5,
             ),
         )
 
@@ -314,6 +321,7 @@ async def verify_topology(user: User) -> None:
 # ------------------------------------------------------------------------------------------
 # The checks
 # ------------------------------------------------------------------------------------------
+
 
 async def run_checks(url: str, report: Report) -> None:
     users: dict[str, User] = {}
@@ -339,9 +347,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
     # --- authentication ---------------------------------------------------------------------
     async def anonymous_refused() -> None:
         try:
-            nc = await nats.connect(
-                url, allow_reconnect=False, connect_timeout=REQUEST_TIMEOUT, error_cb=ignore
-            )
+            nc = await nats.connect(url, allow_reconnect=False, connect_timeout=REQUEST_TIMEOUT, error_cb=ignore)
         except Exception:  # noqa: BLE001 - refused, as wanted
             return
         await nc.close()
@@ -350,8 +356,12 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
     async def wrong_password_refused() -> None:
         try:
             nc = await nats.connect(
-                url, user="device-a", password="device-b-local", allow_reconnect=False,
-                connect_timeout=REQUEST_TIMEOUT, error_cb=ignore,
+                url,
+                user="device-a",
+                password="device-b-local",
+                allow_reconnect=False,
+                connect_timeout=REQUEST_TIMEOUT,
+                error_cb=ignore,
             )
         except Exception:  # noqa: BLE001 - refused, as wanted
             return
@@ -366,14 +376,20 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
 
     # --- every service can verify the whole topology, and declare none of it -----------------
     await check("admin creates every durable consumer (as bootstrap does)", create_consumers(admin))
-    own = {"requestor": [("DEVSYNC_IN", "requestor", "devsync.in.>"),
-                         ("DEVSYNC_ADVISORIES", "dlq-sweeper", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>")],
-           "reconciler": [c for c in durable_consumers() if c[0] == "DEVSYNC_REQ"],
-           "fanout": [("DEVSYNC_FANOUT", "fanout", "devsync.fanout.>")],
-           "audit": [("DEVSYNC_AUDIT", "audit", "devsync.audit.>")]}
+    own = {
+        "requestor": [
+            ("DEVSYNC_IN", "requestor", "devsync.in.>"),
+            ("DEVSYNC_ADVISORIES", "dlq-sweeper", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"),
+        ],
+        "reconciler": [c for c in durable_consumers() if c[0] == "DEVSYNC_REQ"],
+        "fanout": [("DEVSYNC_FANOUT", "fanout", "devsync.fanout.>")],
+        "audit": [("DEVSYNC_AUDIT", "audit", "devsync.audit.>")],
+    }
     for name, consumers in own.items():
-        await check(f"{name} may re-declare its own durable consumers ({len(consumers)})",
-                    create_consumers(users[name], consumers))
+        await check(
+            f"{name} may re-declare its own durable consumers ({len(consumers)})",
+            create_consumers(users[name], consumers),
+        )
     for name in SERVICES:
         await check(f"{name} verifies the topology (info on every stream and consumer)", verify_topology(users[name]))
         for subject in (
@@ -417,16 +433,26 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         await requestor.fetch_and_ack("DEVSYNC_IN", "requestor", "devsync.in.>")
 
     await check("requestor answers device-a on devsync.inbox.device-a.*", requestor_answers_device())
-    await check("requestor publishes devsync.req.rt.<device> into DEVSYNC_REQ",
-                requestor.js_publish("devsync.req.rt.device-a", "DEVSYNC_REQ"))
-    await check("requestor publishes devsync.fanout.wave.<campaign> into DEVSYNC_FANOUT",
-                requestor.js_publish("devsync.fanout.wave.campaign-1", "DEVSYNC_FANOUT"))
-    await check("requestor publishes devsync.audit.requestor into DEVSYNC_AUDIT",
-                requestor.js_publish("devsync.audit.requestor", "DEVSYNC_AUDIT"))
-    await check("requestor publishes dead letters into DEVSYNC_DLQ",
-                requestor.js_publish("devsync.dlq.devsync_in", "DEVSYNC_DLQ"))
-    await check("requestor writes its lease in KV devsync-members",
-                requestor.js_publish("$KV.devsync-members.lease-scheduler", "KV_devsync-members"))
+    await check(
+        "requestor publishes devsync.req.rt.<device> into DEVSYNC_REQ",
+        requestor.js_publish("devsync.req.rt.device-a", "DEVSYNC_REQ"),
+    )
+    await check(
+        "requestor publishes devsync.fanout.wave.<campaign> into DEVSYNC_FANOUT",
+        requestor.js_publish("devsync.fanout.wave.campaign-1", "DEVSYNC_FANOUT"),
+    )
+    await check(
+        "requestor publishes devsync.audit.requestor into DEVSYNC_AUDIT",
+        requestor.js_publish("devsync.audit.requestor", "DEVSYNC_AUDIT"),
+    )
+    await check(
+        "requestor publishes dead letters into DEVSYNC_DLQ",
+        requestor.js_publish("devsync.dlq.devsync_in", "DEVSYNC_DLQ"),
+    )
+    await check(
+        "requestor writes its lease in KV devsync-members",
+        requestor.js_publish("$KV.devsync-members.lease-scheduler", "KV_devsync-members"),
+    )
 
     async def requestor_reads_config() -> None:
         await admin.js_publish("$KV.devsync-config.push-policy", "KV_devsync-config")
@@ -453,8 +479,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         if not json.loads(resp.data).get("success"):
             raise AssertionError(resp.data.decode())
 
-    await check("requestor (DLQ sweeper) binds dlq-sweeper, copies and deletes a dead message",
-                requestor_sweeps())
+    await check("requestor (DLQ sweeper) binds dlq-sweeper, copies and deletes a dead message", requestor_sweeps())
 
     for subject in (
         "devsync.out.device-a.desired",
@@ -495,16 +520,38 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         if found != 1:
             raise AssertionError(f"found {found} requests across the partitions, expected 1")
 
-    await check("reconciler binds reconcile-<lane>-<k> on DEVSYNC_REQ (partitioned), fetches, acks",
-                reconciler_owns_partitions())
-    await check("reconciler publishes a follow-up stage devsync.req.bulk.<device>",
-                reconciler.js_publish("devsync.req.bulk.device-a", "DEVSYNC_REQ"))
-    await check("reconciler publishes devsync.fanout.push.<device> into DEVSYNC_FANOUT",
-                reconciler.js_publish("devsync.fanout.push.device-a", "DEVSYNC_FANOUT"))
-    await check("reconciler publishes devsync.audit.reconciler",
-                reconciler.js_publish("devsync.audit.reconciler", "DEVSYNC_AUDIT"))
-    await check("reconciler writes membership in KV devsync-members",
-                reconciler.js_publish("$KV.devsync-members.member-reconciler-0", "KV_devsync-members"))
+    await check(
+        "reconciler binds reconcile-<lane>-<k> on DEVSYNC_REQ (partitioned), fetches, acks",
+        reconciler_owns_partitions(),
+    )
+    await check(
+        "reconciler publishes a follow-up stage devsync.req.bulk.<device>",
+        reconciler.js_publish("devsync.req.bulk.device-a", "DEVSYNC_REQ"),
+    )
+    await check(
+        "reconciler publishes devsync.fanout.push.<device> into DEVSYNC_FANOUT",
+        reconciler.js_publish("devsync.fanout.push.device-a", "DEVSYNC_FANOUT"),
+    )
+    await check(
+        "reconciler publishes devsync.audit.reconciler",
+        reconciler.js_publish("devsync.audit.reconciler", "DEVSYNC_AUDIT"),
+    )
+
+    async def reconciler_membership() -> None:
+        # What membership.rs does: put a heartbeat, list the members, read one, delete its own.
+        kv = await reconciler.js.key_value("devsync-members")
+        await kv.put("member-reconciler-0", b"reconciler-0")
+        keys = await kv.keys()
+        if "member-reconciler-0" not in keys:
+            raise AssertionError(f"keys: {keys}")
+        entry = await kv.get("member-reconciler-0")
+        if entry.value != b"reconciler-0":
+            raise AssertionError(entry.value)
+        await kv.delete("member-reconciler-0")
+
+    await check(
+        "reconciler heartbeats, lists, reads and deletes members in KV devsync-members", reconciler_membership()
+    )
 
     async def reconciler_answers_device() -> None:
         inbox = await dev_a.nc.subscribe("devsync.inbox.device-a.>")
@@ -534,8 +581,10 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         fanout.fetch_and_ack("DEVSYNC_FANOUT", "fanout", "devsync.fanout.>", want=2),
     )
     for device in ("device-a", "device-b"):
-        await check(f"fanout writes KV devsync-desired key {device}",
-                    fanout.js_publish(f"$KV.devsync-desired.{device}", "KV_devsync-desired"))
+        await check(
+            f"fanout writes KV devsync-desired key {device}",
+            fanout.js_publish(f"$KV.devsync-desired.{device}", "KV_devsync-desired"),
+        )
 
     async def fanout_notifies_device() -> None:
         notes = await dev_a.nc.subscribe("devsync.out.device-a.>")
@@ -546,10 +595,12 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         if msg.data != b"v2":
             raise AssertionError(msg.data)
 
-    await check("fanout notifies device-a on devsync.out.device-a.desired (device-a receives it)",
-                fanout_notifies_device())
-    await check("fanout schedules its next campaign wave",
-                fanout.js_publish("devsync.fanout.wave.campaign-1", "DEVSYNC_FANOUT"))
+    await check(
+        "fanout notifies device-a on devsync.out.device-a.desired (device-a receives it)", fanout_notifies_device()
+    )
+    await check(
+        "fanout schedules its next campaign wave", fanout.js_publish("devsync.fanout.wave.campaign-1", "DEVSYNC_FANOUT")
+    )
     await check("fanout publishes devsync.audit.fanout", fanout.js_publish("devsync.audit.fanout", "DEVSYNC_AUDIT"))
 
     async def fanout_uses_blobs() -> None:
@@ -597,10 +648,14 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
             raise AssertionError(reply.data)
         await audit.expect_no_violation(since=before)
 
-    await check("audit answers a search request (micro service endpoint, allow_responses)",
-                audit_serves_search())
-    for subject in ("devsync.audit.requestor", "devsync.req.rt.device-a", "devsync.out.device-a.desired",
-                    "devsync.inbox.device-a.x", "$KV.devsync-desired.device-a"):
+    await check("audit answers a search request (micro service endpoint, allow_responses)", audit_serves_search())
+    for subject in (
+        "devsync.audit.requestor",
+        "devsync.req.rt.device-a",
+        "devsync.out.device-a.desired",
+        "devsync.inbox.device-a.x",
+        "$KV.devsync-desired.device-a",
+    ):
         await check(f"audit refused: publish {subject}", audit.expect_publish_denied(subject))
 
     # --- devices --------------------------------------------------------------------------------
@@ -612,8 +667,7 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         if headers.get("Nats-Subject") != "$KV.devsync-desired.device-a":
             raise AssertionError(f"unexpected direct get answer: {headers} {msg.data!r}")
 
-    await check("device-a reads its own desired state (KV direct get on its own key)",
-                device_reads_own_desired())
+    await check("device-a reads its own desired state (KV direct get on its own key)", device_reads_own_desired())
 
     for subject in (
         "devsync.in.device-b.report",
@@ -658,13 +712,16 @@ async def scenario(url: str, users: dict[str, User], report: Report) -> None:
         await dev_b.expect_no_violation(since=before)
 
     await check("device-b receives its own notification", device_b_not_reached())
-    await check("device-b refused: publish devsync.in.device-a.report",
-                dev_b.expect_publish_denied("devsync.in.device-a.report"))
+    await check(
+        "device-b refused: publish devsync.in.device-a.report",
+        dev_b.expect_publish_denied("devsync.in.device-a.report"),
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # Server lifecycle
 # ------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -702,16 +759,24 @@ def main() -> int:
     # The server refuses --store_dir next to a store_dir in the file: run a copy of the config
     # that differs only in its store_dir.
     config = store / CONFIG.name
-    text, count = re.subn(
-        r"(?m)^(\s*store_dir:).*$", lambda m: f'{m.group(1)} "{store / "js"}"', CONFIG.read_text()
-    )
+    text, count = re.subn(r"(?m)^(\s*store_dir:).*$", lambda m: f'{m.group(1)} "{store / "js"}"', CONFIG.read_text())
     if count != 1:
         print(f"check_permissions: expected one store_dir in {CONFIG}", file=sys.stderr)
         return 2
     config.write_text(text)
     cmd = [
-        binary, "-c", str(config),
-        "-a", "127.0.0.1", "-p", str(args.port), "-m", str(free_port()), "-l", str(log_path), *(["-DV"] if os.environ.get("CHECK_PERMISSIONS_TRACE") else []),
+        binary,
+        "-c",
+        str(config),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(args.port),
+        "-m",
+        str(free_port()),
+        "-l",
+        str(log_path),
+        *(["-DV"] if os.environ.get("CHECK_PERMISSIONS_TRACE") else []),
     ]
     print(f"check_permissions: {Path(binary).name} on 127.0.0.1:{args.port} with {CONFIG.name}")
     report = Report(quiet=args.quiet)
@@ -727,7 +792,7 @@ def main() -> int:
         url = f"nats://127.0.0.1:{args.port}"
         try:
             asyncio.run(asyncio.wait_for(run_checks(url, report), RUN_TIMEOUT))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             report.fail("run", f"did not finish within {RUN_TIMEOUT:.0f}s")
         except Exception as exc:  # noqa: BLE001 - a broken run is a failed run
             report.fail("run", f"{type(exc).__name__}: {exc}")

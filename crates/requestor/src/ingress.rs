@@ -222,7 +222,10 @@ impl Ingress {
         async {
             let parsed = subjects::parse_ingress(message.subject.as_str());
             let device = parsed.as_ref().ok().map(|(d, _)| d.clone());
-            let kind = parsed.as_ref().ok().and_then(|(_, k)| k.parse::<MessageKind>().ok());
+            let kind = parsed
+                .as_ref()
+                .ok()
+                .and_then(|(_, k)| k.parse::<MessageKind>().ok());
             match self.accept(&message, parsed, received_at).await {
                 Ok(answer) => {
                     if let Some(kind) = kind {
@@ -247,10 +250,10 @@ impl Ingress {
     }
 
     async fn reply(&self, message: &Message, payload: Bytes) {
-        if let Some(reply) = &message.reply {
-            if let Err(error) = self.client.publish(reply.clone(), payload).await {
-                tracing::warn!(%error, "cannot answer device");
-            }
+        if let Some(reply) = &message.reply
+            && let Err(error) = self.client.publish(reply.clone(), payload).await
+        {
+            tracing::warn!(%error, "cannot answer device");
         }
     }
 
@@ -345,8 +348,12 @@ impl Ingress {
                 }
                 ack.device_id = device.to_string();
                 let request_id = RequestId::for_device_message(&device, kind, ack.sequence);
-                let request =
-                    sync_request(&request_id, &device, received_at, sync_request::Kind::Ack(ack));
+                let request = sync_request(
+                    &request_id,
+                    &device,
+                    received_at,
+                    sync_request::Kind::Ack(ack),
+                );
                 self.enqueue(&device, request_id, request).await
             }
             MessageKind::CheckIn => {
@@ -429,7 +436,10 @@ impl Ingress {
 
     async fn refuse(&self, message: &Message, device: Option<DeviceId>, refusal: Refusal) {
         let code = refusal.code.as_str_name();
-        self.metrics.refused.get_or_create(&CodeLabel { code }).inc();
+        self.metrics
+            .refused
+            .get_or_create(&CodeLabel { code })
+            .inc();
         tracing::info!(
             device_id = device.as_ref().map(|d| d.as_str()).unwrap_or(""),
             subject = %message.subject,

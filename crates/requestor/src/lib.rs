@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use devsync_runtime::Shutdown;
 use devsync_runtime::config::{CommonSettings, ConfigError, Settings as SettingsTrait};
 use devsync_runtime::dlq::AdvisorySweeper;
 use devsync_runtime::service::Service;
 use devsync_runtime::worker::{self, WorkerMetrics};
-use devsync_runtime::Shutdown;
 use devsync_types::{ServiceName, names};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -113,7 +113,10 @@ impl SettingsTrait for Settings {
             ));
         }
         if r.max_in_flight == 0 {
-            return Err(ConfigError::invalid("requestor.max_in_flight", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "requestor.max_in_flight",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }

@@ -15,7 +15,10 @@ const QUERY: &str = "SELECT d.desired, d.desired_version, h.desired
 /// Builds the reply for `device`, which applied `since` last.
 pub async fn answer(pool: &Pool, device: &DeviceId, since: u64) -> Result<RefreshReply, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
-    let statement = client.prepare_cached(QUERY).await.map_err(|e| e.to_string())?;
+    let statement = client
+        .prepare_cached(QUERY)
+        .await
+        .map_err(|e| e.to_string())?;
     let since_version = i64::try_from(since).unwrap_or(i64::MAX);
     let row = client
         .query_opt(&statement, &[&device.as_str(), &since_version])

@@ -142,6 +142,10 @@ mod tests {
             parse_object(b"[1]").unwrap_err(),
             "a state document must be a JSON object, got an array"
         );
-        assert!(parse_object(b"{nope").unwrap_err().starts_with("invalid JSON"));
+        assert!(
+            parse_object(b"{nope")
+                .unwrap_err()
+                .starts_with("invalid JSON")
+        );
     }
 }

@@ -204,7 +204,7 @@ wins over config.env, which wins over the chart's. Credentials only ever come fr
 - name: nats-creds
   secret:
     secretName: {{ .root.Values.nats.auth.existingSecret }}
-    defaultMode: 0440
+    defaultMode: 288  # 0440: owner and group (fsGroup) may read
     items:
       - key: {{ printf "%s.creds" .identity }}
         path: {{ printf "%s.creds" .identity }}

@@ -1,0 +1,762 @@
+//! Applying a batch of sync requests: the reconciler's one transaction per batch.
+//!
+//! For a batch (one lane and partition), grouped by device in arrival order:
+//!
+//! 1. decode every request; poison is rejected (dead-lettered) without touching the rest;
+//! 2. `BEGIN`; lock every device of the batch (`SELECT ... FOR UPDATE`, in id order, so
+//!    replicas never deadlock);
+//! 3. per device, in order: a report is applied (RFC 7386 merge patch, or replacement when
+//!    `full`) only if its sequence is above the device's `last_seq` — a redelivery, a device
+//!    retry or a late duplicate is recognised here, inside the same transaction, whatever
+//!    JetStream did; desired-version acks are recorded; admin changes and sweeps request a
+//!    push; follow-up stages run once (`processed_requests`);
+//! 4. one set-based `UPDATE ... FROM unnest(...)` for all changed devices;
+//! 5. every output (pushes to `DEVSYNC_FANOUT`, audit events, follow-up stages on
+//!    `DEVSYNC_REQ`) goes into one outbox row of the same transaction; `COMMIT`;
+//! 6. publish the outputs with deterministic `Nats-Msg-Id`s, delete the outbox row, and only
+//!    then ack the batch.
+//!
+//! A crash before 5 changes nothing; between 5 and 6 the outbox sweeper publishes the row
+//! (duplicates are dropped by the streams); a redelivered request finds its sequence applied
+//! and changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use devsync_proto::Message as _;
+use devsync_proto::v1::{
+    self as pb, DesiredPush, FanoutTask, OutboxBatch, Payload, SyncRequest, WorkflowStage, payload,
+    sync_request,
+};
+use devsync_runtime::audit::Auditor;
+use devsync_runtime::publish::{self, Outgoing};
+use devsync_runtime::worker::{Delivery, Handler, Outcome};
+use devsync_runtime::{blobs, telemetry};
+use devsync_types::convert::{from_timestamp, timestamp};
+use devsync_types::{
+    AuditOutcome, AuditRecord, DeviceId, Lane, Partition, RequestId, state, subjects,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+/// The stage a report emits when it brings a device into sync with its desired state.
+pub const STAGE_CONVERGED: &str = "converged";
+
+/// A deliberate crash point, for tests that prove a crash loses and duplicates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Abort the process right after the first commit, before publishing or acking.
+    AbortAfterCommit,
+}
+
+/// Metrics of the apply path.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    applied: Counter,
+    duplicates: Counter,
+    report_to_db: Histogram,
+    transaction_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Registers the apply metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            applied: Counter::default(),
+            duplicates: Counter::default(),
+            report_to_db: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            transaction_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        };
+        registry.register(
+            "devsync_reports_applied",
+            "device reports applied to the database",
+            metrics.applied.clone(),
+        );
+        registry.register(
+            "devsync_reports_duplicate",
+            "device reports recognised as already applied",
+            metrics.duplicates.clone(),
+        );
+        registry.register(
+            "devsync_report_to_db_seconds",
+            "from ingress to commit of a device report",
+            metrics.report_to_db.clone(),
+        );
+        registry.register(
+            "devsync_reconcile_transaction_seconds",
+            "one batch transaction",
+            metrics.transaction_seconds.clone(),
+        );
+        metrics
+    }
+}
+
+/// What all lanes' appliers share.
+pub struct Shared {
+    pub js: jetstream::Context,
+    pub pool: Pool,
+    pub auditor: Auditor,
+    /// Desired documents larger than this travel through the object store.
+    pub claim_check_threshold: usize,
+    /// Devices seen within this window count as active for push policies.
+    pub active_window: Duration,
+    pub metrics: Metrics,
+    pub failpoint: Option<Failpoint>,
+    /// Batches being handled now, per partition (observability and tests).
+    pub active: Mutex<HashMap<Partition, usize>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// The handler of one lane: shares the apply path, owns the lane's database slots.
+#[derive(Debug, Clone)]
+pub struct Applier {
+    pub shared: Arc<Shared>,
+    pub lane: Lane,
+    /// Concurrent transactions this lane may run; the split between lanes is the weighted
+    /// share that keeps either lane from starving the other.
+    pub slots: Arc<Semaphore>,
+}
+
+impl Handler for Applier {
+    async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return vec![Outcome::Retry("shutting down".into()); batch.len()];
+        };
+        let partition = batch
+            .first()
+            .and_then(|d| subjects::parse_request(d.subject()).ok())
+            .map(|(_, p, _)| p);
+        if let Some(p) = partition {
+            *self
+                .shared
+                .active
+                .lock()
+                .expect("active lock")
+                .entry(p)
+                .or_default() += 1;
+        }
+        let outcomes = self.shared.apply(batch).await;
+        if let Some(p) = partition {
+            let mut active = self.shared.active.lock().expect("active lock");
+            if let Some(count) = active.get_mut(&p) {
+                *count -= 1;
+                if *count == 0 {
+                    active.remove(&p);
+                }
+            }
+        }
+        outcomes
+    }
+}
+
+/// What one request asks for, decoded.
+#[derive(Debug)]
+enum Work {
+    Report {
+        sequence: u64,
+        document: Value,
+        full: bool,
+    },
+    Ack {
+        version: i64,
+        success: bool,
+        error: String,
+    },
+    Push {
+        cause: &'static str,
+        campaign: String,
+    },
+    Stage {
+        stage: String,
+        input: Value,
+    },
+}
+
+#[derive(Debug)]
+struct Request {
+    index: usize,
+    request_id: RequestId,
+    device: DeviceId,
+    received_at: Option<DateTime<Utc>>,
+    work: Work,
+}
+
+/// A device row, as locked for the batch.
+#[derive(Debug, Clone)]
+struct DeviceRow {
+    enabled: bool,
+    desired: Value,
+    desired_version: i64,
+    desired_changed_at: Option<DateTime<Utc>>,
+    reported: Value,
+    reported_version: i64,
+    last_seq: i64,
+    applied: i64,
+    http_endpoint: Option<String>,
+    last_seen: Option<DateTime<Utc>>,
+    changed: bool,
+}
+
+const LOCK: &str = "SELECT id, enabled, desired, desired_version, desired_changed_at, reported,
+        reported_version, last_seq, applied_desired_version, http_endpoint, last_seen
+    FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+const UPDATE: &str = "UPDATE devices AS d SET
+        reported = u.reported,
+        reported_version = u.reported_version,
+        reported_at = CASE WHEN u.reported_version <> d.reported_version THEN now() ELSE d.reported_at END,
+        last_seq = u.last_seq,
+        applied_desired_version = u.applied,
+        applied_at = CASE WHEN u.applied <> d.applied_desired_version THEN now() ELSE d.applied_at END,
+        last_seen = now(),
+        updated_at = now()
+    FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::int8[], $5::int8[])
+        AS u(id, reported, reported_version, last_seq, applied)
+    WHERE d.id = u.id";
+
+const ACKS: &str = "UPDATE campaign_devices AS c SET
+        status = CASE WHEN u.ok THEN 'acked' ELSE 'failed' END,
+        error = nullif(u.error, ''), updated_at = now()
+    FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[]) AS u(id, version, ok, error)
+    WHERE c.device_id = u.id AND c.desired_version <= u.version
+      AND c.status IN ('pending', 'sent', 'acked')";
+
+const CONVERGED: &str = "UPDATE campaign_devices SET status = 'converged', updated_at = now()
+    WHERE device_id = $1 AND desired_version <= $2 AND status IN ('pending', 'sent', 'acked')";
+
+const STAGE_ONCE: &str = "INSERT INTO processed_requests (device_id, request_id) VALUES ($1, $2)
+    ON CONFLICT DO NOTHING";
+
+const OUTBOX: &str =
+    "INSERT INTO outbox (subject, msg_id, payload) VALUES ('batch', $1, $2) RETURNING id";
+
+/// Everything a committed batch must publish.
+struct Committed {
+    outbox_id: Option<i64>,
+    messages: Vec<Outgoing>,
+}
+
+impl Shared {
+    /// Applies `batch`; one outcome per delivery.
+    pub async fn apply(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Ack; batch.len()];
+        let mut requests = Vec::with_capacity(batch.len());
+        for (index, delivery) in batch.iter().enumerate() {
+            match self.decode(index, delivery).await {
+                Ok(request) => requests.push(request),
+                Err(Decoded::Poison(reason)) => outcomes[index] = Outcome::Reject(reason),
+                Err(Decoded::Transient(reason)) => outcomes[index] = Outcome::Retry(reason),
+            }
+        }
+        if requests.is_empty() {
+            return outcomes;
+        }
+        let started = std::time::Instant::now();
+        let committed = match self.transact(batch, &requests, &mut outcomes).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::warn!(%error, batch = batch.len(), "batch transaction failed; retrying");
+                for request in &requests {
+                    outcomes[request.index] = Outcome::Retry(format!("database: {error}"));
+                }
+                return outcomes;
+            }
+        };
+        self.metrics
+            .transaction_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if self.failpoint == Some(Failpoint::AbortAfterCommit) {
+            tracing::error!("failpoint abort-after-commit: aborting the process");
+            std::process::abort();
+        }
+        if let Err(error) = publish::publish_all(&self.js, committed.messages).await {
+            // Committed: the outbox sweeper publishes the row; ack nothing so a crash here is
+            // covered twice.
+            tracing::warn!(%error, "publishing outputs failed; the outbox sweeper will retry");
+            for request in &requests {
+                outcomes[request.index] = Outcome::Retry(format!("publish outputs: {error}"));
+            }
+            return outcomes;
+        }
+        if let Some(id) = committed.outbox_id
+            && let Err(error) = self.delete_outbox(id).await
+        {
+            tracing::warn!(%error, outbox_id = id, "cannot delete published outbox row");
+        }
+        outcomes
+    }
+
+    async fn delete_outbox(&self, id: i64) -> Result<(), String> {
+        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .execute("DELETE FROM outbox WHERE id = $1", &[&id])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn decode(&self, index: usize, delivery: &Delivery) -> Result<Request, Decoded> {
+        let request = SyncRequest::decode(delivery.payload().clone())
+            .map_err(|e| Decoded::Poison(format!("not a sync request: {e}")))?;
+        let device = DeviceId::parse(request.device_id.clone())
+            .map_err(|e| Decoded::Poison(format!("device_id: {e}")))?;
+        if let Ok((_, _, subject_device)) = subjects::parse_request(delivery.subject())
+            && subject_device != device
+        {
+            return Err(Decoded::Poison(format!(
+                "request for {device} stored under {}",
+                delivery.subject()
+            )));
+        }
+        let request_id = RequestId::parse(request.request_id.clone())
+            .map_err(|e| Decoded::Poison(format!("request_id: {e}")))?;
+        let received_at = request.received_at.as_ref().and_then(from_timestamp);
+        let work = match request.kind {
+            Some(sync_request::Kind::Report(report)) => {
+                let bytes = match report.reported.as_ref() {
+                    Some(payload) => blobs::load(&self.js, payload)
+                        .await
+                        .map_err(|e| Decoded::Transient(format!("reported state: {e}")))?,
+                    None => return Err(Decoded::Poison("report without state".into())),
+                };
+                let document = state::parse_object(&bytes)
+                    .map_err(|e| Decoded::Poison(format!("reported state: {e}")))?;
+                Work::Report {
+                    sequence: report.sequence,
+                    document,
+                    full: report.full,
+                }
+            }
+            Some(sync_request::Kind::Ack(ack)) => Work::Ack {
+                version: i64::try_from(ack.desired_version).unwrap_or(i64::MAX),
+                success: ack.success,
+                error: ack.error,
+            },
+            Some(sync_request::Kind::AdminChange(change)) => Work::Push {
+                cause: "admin.change",
+                campaign: change.campaign_id,
+            },
+            Some(sync_request::Kind::Schedule(_)) => Work::Push {
+                cause: "sweep.repush",
+                campaign: String::new(),
+            },
+            Some(sync_request::Kind::Stage(stage)) => Work::Stage {
+                stage: stage.stage,
+                input: serde_json::from_slice(&stage.input_json).unwrap_or(Value::Null),
+            },
+            Some(sync_request::Kind::CheckIn(_)) | Some(sync_request::Kind::Refresh(_)) => {
+                return Err(Decoded::Poison(
+                    "check-ins and refreshes are answered by the requestor".into(),
+                ));
+            }
+            None => return Err(Decoded::Poison("sync request without a kind".into())),
+        };
+        Ok(Request {
+            index,
+            request_id,
+            device,
+            received_at,
+            work,
+        })
+    }
+
+    async fn transact(
+        &self,
+        batch: &[Delivery],
+        requests: &[Request],
+        outcomes: &mut [Outcome],
+    ) -> Result<Committed, TxError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| TxError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let mut ids: Vec<&str> = requests.iter().map(|r| r.device.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let lock = tx.prepare_cached(LOCK).await?;
+        let mut devices: BTreeMap<String, DeviceRow> = BTreeMap::new();
+        for row in tx.query(&lock, &[&ids]).await? {
+            devices.insert(
+                row.get(0),
+                DeviceRow {
+                    enabled: row.get(1),
+                    desired: row.get(2),
+                    desired_version: row.get(3),
+                    desired_changed_at: row.get(4),
+                    reported: row.get(5),
+                    reported_version: row.get(6),
+                    last_seq: row.get(7),
+                    applied: row.get(8),
+                    http_endpoint: row.get(9),
+                    last_seen: row.get(10),
+                    changed: false,
+                },
+            );
+        }
+        let mut out = Outputs::default();
+        let mut acks: Vec<(String, i64, bool, String)> = Vec::new();
+        let mut pushes: BTreeMap<String, (RequestId, String, &'static str)> = BTreeMap::new();
+        let mut converged_before: HashMap<String, bool> = HashMap::new();
+        let now = Utc::now();
+        for request in requests {
+            let span = batch[request.index].span.clone();
+            let _enter = span.enter();
+            let device_key = request.device.to_string();
+            let Some(row) = devices.get_mut(&device_key) else {
+                out.audit(self.auditor.record(
+                    now,
+                    Some(&request.device),
+                    Some(&request.request_id),
+                    "reconcile",
+                    "request.rejected",
+                    AuditOutcome::Rejected,
+                    json!({"reason": "device is not registered"}),
+                ));
+                outcomes[request.index] =
+                    Outcome::Reject(format!("device {} is not registered", request.device));
+                continue;
+            };
+            converged_before
+                .entry(device_key.clone())
+                .or_insert_with(|| state::delta(&row.desired, &row.reported).is_none());
+            match &request.work {
+                Work::Report {
+                    sequence,
+                    document,
+                    full,
+                } => {
+                    let sequence = i64::try_from(*sequence).unwrap_or(i64::MAX);
+                    if sequence <= row.last_seq {
+                        self.metrics.duplicates.inc();
+                        out.audit(self.auditor.record(
+                            now,
+                            Some(&request.device),
+                            Some(&request.request_id),
+                            "reconcile",
+                            "report.duplicate",
+                            AuditOutcome::Skipped,
+                            json!({"sequence": sequence, "last_sequence": row.last_seq}),
+                        ));
+                        continue;
+                    }
+                    if !row.enabled {
+                        out.audit(self.auditor.record(
+                            now,
+                            Some(&request.device),
+                            Some(&request.request_id),
+                            "reconcile",
+                            "report.skipped",
+                            AuditOutcome::Skipped,
+                            json!({"reason": "device is disabled"}),
+                        ));
+                        continue;
+                    }
+                    let before = row.reported.clone();
+                    if *full {
+                        row.reported = document.clone();
+                    } else {
+                        state::apply(&mut row.reported, document);
+                    }
+                    if row.reported != before {
+                        row.reported_version += 1;
+                    }
+                    row.last_seq = sequence;
+                    row.changed = true;
+                    self.metrics.applied.inc();
+                    if let Some(received) = request.received_at {
+                        let seconds = (now - received).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                        self.metrics.report_to_db.observe(seconds.max(0.0));
+                    }
+                    out.audit(self.auditor.record(
+                        now,
+                        Some(&request.device),
+                        Some(&request.request_id),
+                        "reconcile",
+                        "report.applied",
+                        AuditOutcome::Ok,
+                        json!({
+                            "sequence": sequence,
+                            "reported_version": row.reported_version,
+                            "full": full,
+                        }),
+                    ));
+                    let delta = state::delta(&row.desired, &row.reported);
+                    if delta.is_some() && row.applied < row.desired_version {
+                        pushes.insert(
+                            device_key.clone(),
+                            (request.request_id.clone(), String::new(), "report.delta"),
+                        );
+                    }
+                }
+                Work::Ack {
+                    version,
+                    success,
+                    error,
+                } => {
+                    if *success && *version > row.applied && *version <= row.desired_version {
+                        row.applied = *version;
+                        row.changed = true;
+                    }
+                    acks.push((device_key.clone(), *version, *success, error.clone()));
+                    out.audit(self.auditor.record(
+                        now,
+                        Some(&request.device),
+                        Some(&request.request_id),
+                        "reconcile",
+                        if *success {
+                            "ack.recorded"
+                        } else {
+                            "ack.failed"
+                        },
+                        if *success {
+                            AuditOutcome::Ok
+                        } else {
+                            AuditOutcome::Failed
+                        },
+                        json!({"desired_version": version, "error": error}),
+                    ));
+                }
+                Work::Push { cause, campaign } => {
+                    pushes.insert(
+                        device_key.clone(),
+                        (request.request_id.clone(), campaign.clone(), *cause),
+                    );
+                }
+                Work::Stage { stage, input } => {
+                    let once = tx.prepare_cached(STAGE_ONCE).await?;
+                    let first = tx
+                        .execute(&once, &[&device_key, &request.request_id.as_str()])
+                        .await?
+                        == 1;
+                    if !first {
+                        continue;
+                    }
+                    if stage == STAGE_CONVERGED {
+                        let version = input
+                            .get("desired_version")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(row.desired_version);
+                        let converged = tx.prepare_cached(CONVERGED).await?;
+                        tx.execute(&converged, &[&device_key, &version]).await?;
+                    }
+                    out.audit(self.auditor.record(
+                        now,
+                        Some(&request.device),
+                        Some(&request.request_id),
+                        &format!("stage.{stage}"),
+                        "stage.completed",
+                        AuditOutcome::Ok,
+                        input.clone(),
+                    ));
+                }
+            }
+        }
+        // Follow-up stage: a device that came into sync with a desired version.
+        for (device_key, row) in &devices {
+            let was = converged_before.get(device_key).copied().unwrap_or(true);
+            if row.changed
+                && !was
+                && row.desired_version > 0
+                && state::delta(&row.desired, &row.reported).is_none()
+            {
+                let device = DeviceId::parse(device_key.clone()).expect("ids in the db are valid");
+                out.messages.push(stage_message(
+                    &device,
+                    STAGE_CONVERGED,
+                    json!({"desired_version": row.desired_version}),
+                ));
+            }
+        }
+        for (device_key, (request_id, campaign, cause)) in &pushes {
+            let row = &devices[device_key];
+            let device = DeviceId::parse(device_key.clone()).expect("ids in the db are valid");
+            let span = tracing::info_span!("push", device_id = %device);
+            let _enter = span.enter();
+            out.messages
+                .push(self.push_message(&device, row, request_id, campaign).await);
+            out.audit(self.auditor.record(
+                now,
+                Some(&device),
+                Some(request_id),
+                "reconcile",
+                "push.requested",
+                AuditOutcome::Ok,
+                json!({"desired_version": row.desired_version, "cause": cause}),
+            ));
+        }
+        let changed: Vec<(&String, &DeviceRow)> =
+            devices.iter().filter(|(_, row)| row.changed).collect();
+        if !changed.is_empty() {
+            let update = tx.prepare_cached(UPDATE).await?;
+            let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
+            let reported: Vec<&Value> = changed.iter().map(|(_, r)| &r.reported).collect();
+            let versions: Vec<i64> = changed.iter().map(|(_, r)| r.reported_version).collect();
+            let seqs: Vec<i64> = changed.iter().map(|(_, r)| r.last_seq).collect();
+            let applied: Vec<i64> = changed.iter().map(|(_, r)| r.applied).collect();
+            tx.execute(&update, &[&ids, &reported, &versions, &seqs, &applied])
+                .await?;
+        }
+        if !acks.is_empty() {
+            let statement = tx.prepare_cached(ACKS).await?;
+            let ids: Vec<&str> = acks.iter().map(|a| a.0.as_str()).collect();
+            let versions: Vec<i64> = acks.iter().map(|a| a.1).collect();
+            let ok: Vec<bool> = acks.iter().map(|a| a.2).collect();
+            let errors: Vec<&str> = acks.iter().map(|a| a.3.as_str()).collect();
+            tx.execute(&statement, &[&ids, &versions, &ok, &errors])
+                .await?;
+        }
+        let messages = out.finish(&self.auditor);
+        let outbox_id = if messages.is_empty() {
+            None
+        } else {
+            let batch = OutboxBatch {
+                messages: messages.iter().map(Outgoing::to_outbox).collect(),
+            };
+            let key = format!("batch:{}", requests[0].request_id);
+            let statement = tx.prepare_cached(OUTBOX).await?;
+            let row = tx
+                .query_one(&statement, &[&key, &batch.encode_to_vec()])
+                .await?;
+            Some(row.get::<_, i64>(0))
+        };
+        tx.commit().await?;
+        Ok(Committed {
+            outbox_id,
+            messages,
+        })
+    }
+
+    async fn push_message(
+        &self,
+        device: &DeviceId,
+        row: &DeviceRow,
+        request_id: &RequestId,
+        campaign: &str,
+    ) -> Outgoing {
+        let bytes: Bytes = serde_json::to_vec(&row.desired).unwrap_or_default().into();
+        let desired = if bytes.len() > self.claim_check_threshold {
+            match blobs::store(&self.js, bytes.clone()).await {
+                Ok(reference) => reference,
+                Err(error) => {
+                    tracing::warn!(%error, "claim check failed; sending inline");
+                    inline(bytes)
+                }
+            }
+        } else {
+            inline(bytes)
+        };
+        let version = row.desired_version.max(0) as u64;
+        let active = row.last_seen.is_some_and(|seen| {
+            Utc::now() - seen
+                <= chrono::Duration::from_std(self.active_window).unwrap_or(chrono::Duration::MAX)
+        });
+        let task = FanoutTask {
+            request_id: request_id.to_string(),
+            push: Some(DesiredPush {
+                device_id: device.to_string(),
+                desired_version: version,
+                base_version: 0,
+                full: true,
+                desired: Some(desired),
+                campaign_id: campaign.to_owned(),
+                changed_at: row.desired_changed_at.map(timestamp),
+            }),
+            policy: pb::PushPolicy::Unspecified as i32,
+            active,
+            http_endpoint: row.http_endpoint.clone().unwrap_or_default(),
+        };
+        let mut headers = HeaderMap::new();
+        telemetry::inject(&mut headers);
+        Outgoing {
+            subject: subjects::fanout_push(device),
+            msg_id: format!("push:{device}:{version}"),
+            payload: task.encode_to_vec().into(),
+            headers: Some(headers),
+        }
+    }
+}
+
+fn inline(bytes: Bytes) -> Payload {
+    Payload {
+        body: Some(payload::Body::InlineJson(bytes)),
+    }
+}
+
+/// A follow-up stage for `device`, published into its own partition of `DEVSYNC_REQ`.
+fn stage_message(device: &DeviceId, stage: &str, input: Value) -> Outgoing {
+    let version = input
+        .get("desired_version")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let request_id = RequestId::parse(format!("stage:{stage}:{device}:{version}"))
+        .unwrap_or_else(|_| RequestId::generate());
+    let request = SyncRequest {
+        request_id: request_id.to_string(),
+        device_id: device.to_string(),
+        lane: pb::Lane::Rt as i32,
+        received_at: Some(timestamp(Utc::now())),
+        causation_id: String::new(),
+        kind: Some(sync_request::Kind::Stage(WorkflowStage {
+            stage: stage.to_owned(),
+            step: 1,
+            input_json: serde_json::to_vec(&input).unwrap_or_default().into(),
+        })),
+        reply_to: String::new(),
+    };
+    let mut headers = HeaderMap::new();
+    telemetry::inject(&mut headers);
+    Outgoing {
+        subject: subjects::request(Lane::Rt, device),
+        msg_id: request_id.to_string(),
+        payload: request.encode_to_vec().into(),
+        headers: Some(headers),
+    }
+}
+
+enum Decoded {
+    Poison(String),
+    Transient(String),
+}
+
+#[derive(Default)]
+struct Outputs {
+    messages: Vec<Outgoing>,
+    audits: Vec<AuditRecord>,
+}
+
+impl Outputs {
+    fn audit(&mut self, record: AuditRecord) {
+        self.audits.push(record);
+    }
+
+    fn finish(mut self, auditor: &Auditor) -> Vec<Outgoing> {
+        self.messages
+            .extend(self.audits.iter().map(|record| auditor.message(record)));
+        self.messages
+    }
+}
+
+/// Why a batch transaction failed (always retried).
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    #[error("connection pool: {0}")]
+    Pool(String),
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+}

@@ -1,0 +1,26 @@
+//! `devsync-reconciler`: see the crate docs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// devsync reconciler: owns partitions of the request stream (shared with the other replicas
+/// through the devsync-members KV bucket), applies each batch to PostgreSQL in one transaction,
+/// and publishes the resulting pushes, audit events and follow-up stages.
+///
+/// Settings: defaults < TOML file (--config or DEVSYNC_CONFIG) < DEVSYNC_* variables; see the
+/// README's configuration reference.
+#[derive(Debug, Parser)]
+#[command(name = "devsync-reconciler", version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    devsync_runtime::service::main("devsync-reconciler", args.config, devsync_reconciler::run).await
+}
