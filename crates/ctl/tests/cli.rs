@@ -38,7 +38,7 @@ async fn migrate_bootstrap_and_status() {
     assert!(out.starts_with("schema is current"), "{out}");
 
     let out = stdout(&ctl(&nats, &db, &["bootstrap"]));
-    let expected = 6 + 4 + 2 * 4 + 3 + 1;
+    let expected = 5 + 3 + 2 * 4 + 3 + 1;
     assert!(
         out.contains(&format!("topology: {expected} created, 0 unchanged")),
         "{out}"
@@ -52,11 +52,11 @@ async fn migrate_bootstrap_and_status() {
 
     let out = stdout(&ctl(&nats, &db, &["status"]));
     for name in [
-        "DEVSYNC_IN",
         "DEVSYNC_REQ",
+        "DEVSYNC_AUDIT",
         "DEVSYNC_DLQ",
         "reconcile-bulk-* (4)",
-        "requestor",
+        "dlq-sweeper",
     ] {
         assert!(out.contains(name), "{name} missing from:\n{out}");
     }

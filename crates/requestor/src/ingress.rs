@@ -44,6 +44,8 @@ use crate::checkins::Checkins;
 use crate::refresh;
 use crate::registry::{Registration, Registry};
 
+use devsync_types::subjects::{STATUS_ERROR, STATUS_OK};
+
 /// The queue group every requestor replica joins.
 pub const QUEUE_GROUP: &str = "requestor";
 
@@ -240,7 +242,7 @@ impl Ingress {
                         Answer::Accepted(accepted) => accepted.encode_to_vec(),
                         Answer::Refresh(reply) => reply.encode_to_vec(),
                     };
-                    self.reply(&message, payload.into()).await;
+                    self.reply(&message, STATUS_OK, payload.into()).await;
                 }
                 Err(refusal) => self.refuse(&message, device, refusal).await,
             }
@@ -249,9 +251,14 @@ impl Ingress {
         .await
     }
 
-    async fn reply(&self, message: &Message, payload: Bytes) {
-        if let Some(reply) = &message.reply
-            && let Err(error) = self.client.publish(reply.clone(), payload).await
+    async fn reply(&self, message: &Message, status: &'static str, payload: Bytes) {
+        let Some(reply) = &message.reply else { return };
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::STATUS_HEADER, status);
+        if let Err(error) = self
+            .client
+            .publish_with_headers(reply.clone(), headers, payload)
+            .await
         {
             tracing::warn!(%error, "cannot answer device");
         }
@@ -452,7 +459,8 @@ impl Ingress {
             message: refusal.message.clone(),
             retry_after_ms: refusal.retry_after.map_or(0, |d| d.as_millis() as u64),
         };
-        self.reply(message, reply.encode_to_vec().into()).await;
+        self.reply(message, STATUS_ERROR, reply.encode_to_vec().into())
+            .await;
         let audited = match (&device, refusal.code) {
             (Some(device), Code::RateLimited) => self.refusal_audits.check_key(device).is_ok(),
             _ => true,

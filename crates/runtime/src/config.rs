@@ -365,8 +365,6 @@ pub struct TopologySettings {
     /// Publish deduplication window (`Nats-Msg-Id`).
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
-    /// Unprocessed messages one device may have in `DEVSYNC_IN` before its publishes are refused.
-    pub max_pending_per_device: i64,
     /// Largest message the streams accept, in bytes.
     pub max_message_size: i32,
     /// How long a worker may hold a message before it is redelivered (progress acks extend it).
@@ -382,6 +380,9 @@ pub struct TopologySettings {
     /// Time to live of a reconciler's membership entry without a heartbeat.
     #[serde(with = "humantime_serde")]
     pub member_ttl: Duration,
+    /// Services declare the topology at start (true), or only verify it (false: for
+    /// least-privilege NATS users, where `devsyncctl bootstrap` declares it once).
+    pub declare_on_start: bool,
 }
 
 impl Default for TopologySettings {
@@ -394,13 +395,13 @@ impl Default for TopologySettings {
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
             blob_max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
-            max_pending_per_device: 1000,
             max_message_size: 1024 * 1024,
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             max_ack_pending: 5000,
             pin_timeout: Duration::from_secs(6),
             member_ttl: Duration::from_secs(10),
+            declare_on_start: true,
         }
     }
 }
@@ -533,12 +534,6 @@ impl CommonSettings {
             return Err(ConfigError::invalid(
                 "topology.ack_wait",
                 "must be at least 1s",
-            ));
-        }
-        if t.max_pending_per_device < 1 {
-            return Err(ConfigError::invalid(
-                "topology.max_pending_per_device",
-                "must be at least 1",
             ));
         }
         if t.duplicate_window > t.max_age {

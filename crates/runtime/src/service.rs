@@ -55,10 +55,12 @@ impl Service {
         let client = crate::nats::connect(&settings.nats, &worker_id.to_string()).await?;
         let js = jetstream::new(client.clone());
         let topology = Topology::new(settings.topology.clone());
-        let report = topology
-            .declare(&js)
-            .await
-            .context("declare jetstream topology")?;
+        let report = if settings.topology.declare_on_start {
+            topology.declare(&js).await
+        } else {
+            topology.verify(&js).await
+        }
+        .context("jetstream topology")?;
         for problem in report.problems() {
             tracing::warn!(kind = %problem.kind, name = %problem.name, action = ?problem.action, "topology differs from the declaration");
         }

@@ -7,9 +7,9 @@
 //! [`Topology::verify`] does the same comparison without changing anything.
 //!
 //! Choices worth knowing:
-//! - `DEVSYNC_IN` uses WorkQueue retention with a per-device cap (`max_pending_per_device`,
-//!   discard-new per subject): a device can fill only its own share, and processed messages
-//!   leave the stream, so the cap counts unprocessed messages rather than a lifetime total.
+//! - Device ingress (`devsync.in.>`) is served by the requestor's queue group and becomes
+//!   durable in `DEVSYNC_REQ`; no stream captures it (see the requestor's crate docs for why),
+//!   so a device that asks with request/reply gets devsync's own answer, not a stream ack.
 //! - `DEVSYNC_REQ` partitions by device with a subject transform; one consumer per lane and
 //!   partition, pinned-client priority group, so one reconciler replica owns a partition.
 //! - No consumer sets `backoff`: it would replace `ack_wait`; workers nak with explicit delays.
@@ -155,12 +155,7 @@ pub struct Topology {
 }
 
 /// The streams whose consumers can run out of deliveries (they feed the DLQ sweeper).
-const WORK_STREAMS: [&str; 4] = [
-    names::STREAM_IN,
-    names::STREAM_REQ,
-    names::STREAM_FANOUT,
-    names::STREAM_AUDIT,
-];
+const WORK_STREAMS: [&str; 3] = [names::STREAM_REQ, names::STREAM_FANOUT, names::STREAM_AUDIT];
 
 impl Topology {
     /// The topology for these settings.
@@ -199,14 +194,6 @@ impl Topology {
     /// Every stream, in declaration order.
     pub fn streams(&self) -> Vec<stream::Config> {
         let s = &self.settings;
-        let ingress = stream::Config {
-            description: Some(
-                "what devices publish; per-device cap on unprocessed messages".into(),
-            ),
-            max_messages_per_subject: s.max_pending_per_device,
-            discard_new_per_subject: true,
-            ..self.work_stream(names::STREAM_IN, vec![subjects::INGRESS_ALL.into()])
-        };
         let requests = stream::Config {
             description: Some("sync requests, partitioned by device, lanes rt and bulk".into()),
             subject_transform: Some(SubjectTransform {
@@ -247,7 +234,7 @@ impl Topology {
                     .collect(),
             )
         };
-        vec![ingress, requests, fanout, audit, dlq, advisories]
+        vec![requests, fanout, audit, dlq, advisories]
     }
 
     fn durable(&self, name: &str, filter: &str) -> consumer::pull::Config {
@@ -267,10 +254,6 @@ impl Topology {
     /// Every consumer, with the stream it belongs to.
     pub fn consumers(&self) -> Vec<(&'static str, consumer::pull::Config)> {
         let mut consumers = vec![
-            (
-                names::STREAM_IN,
-                self.durable(names::CONSUMER_REQUESTOR, subjects::INGRESS_ALL),
-            ),
             (
                 names::STREAM_FANOUT,
                 self.durable(names::CONSUMER_FANOUT, subjects::FANOUT_ALL),

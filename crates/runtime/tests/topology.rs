@@ -25,7 +25,7 @@ async fn second_declaration_changes_nothing_and_assets_match_the_design() {
     let topology = Topology::new(settings(8));
 
     let first = topology.declare(&js).await.unwrap();
-    let expected_assets = 6 + 4 + 2 * 8 + 3 + 1;
+    let expected_assets = 5 + 3 + 2 * 8 + 3 + 1;
     assert_eq!(first.assets.len(), expected_assets);
     assert!(
         first.assets.iter().all(|a| a.action == Action::Created),
@@ -54,12 +54,25 @@ async fn second_declaration_changes_nothing_and_assets_match_the_design() {
         "devsync.req.{{wildcard(1)}}.{{partition(8,2)}}.{{wildcard(2)}}"
     );
 
-    let ingress = js.get_stream(names::STREAM_IN).await.unwrap();
-    let config = &ingress.cached_info().config;
+    let fanout = js.get_stream(names::STREAM_FANOUT).await.unwrap();
+    let config = &fanout.cached_info().config;
     assert_eq!(config.retention, RetentionPolicy::WorkQueue);
     assert_eq!(config.discard, DiscardPolicy::New);
-    assert!(config.discard_new_per_subject);
-    assert_eq!(config.max_messages_per_subject, 1000);
+    // Device ingress is a queue group: no stream may capture devsync.in.> and answer devices.
+    let mut names = js.stream_names();
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        let name = name.unwrap();
+        let info = js.get_stream(&name).await.unwrap();
+        assert!(
+            !info
+                .cached_info()
+                .config
+                .subjects
+                .iter()
+                .any(|s| s.starts_with("devsync.in")),
+            "{name} captures device ingress"
+        );
+    }
 
     let dlq = js.get_stream(names::STREAM_DLQ).await.unwrap();
     assert_eq!(dlq.cached_info().config.retention, RetentionPolicy::Limits);

@@ -4,8 +4,6 @@
 
 use crate::model::{Lane, Partition};
 
-/// Device ingress: what devices publish (WorkQueue, per-device caps).
-pub const STREAM_IN: &str = "DEVSYNC_IN";
 /// Sync requests for the reconciler (WorkQueue, partitioned by device).
 pub const STREAM_REQ: &str = "DEVSYNC_REQ";
 /// Pushes and campaign waves for the fan-out service (WorkQueue).
@@ -18,8 +16,7 @@ pub const STREAM_DLQ: &str = "DEVSYNC_DLQ";
 pub const STREAM_ADVISORIES: &str = "DEVSYNC_ADVISORIES";
 
 /// Every stream, in declaration order.
-pub const ALL_STREAMS: [&str; 6] = [
-    STREAM_IN,
+pub const ALL_STREAMS: [&str; 5] = [
     STREAM_REQ,
     STREAM_FANOUT,
     STREAM_AUDIT,
@@ -27,8 +24,6 @@ pub const ALL_STREAMS: [&str; 6] = [
     STREAM_ADVISORIES,
 ];
 
-/// The requestor's shared durable consumer on `DEVSYNC_IN`.
-pub const CONSUMER_REQUESTOR: &str = "requestor";
 /// The fan-out service's shared durable consumer on `DEVSYNC_FANOUT`.
 pub const CONSUMER_FANOUT: &str = "fanout";
 /// The audit service's shared durable consumer on `DEVSYNC_AUDIT`.

@@ -2,7 +2,7 @@
 //!
 //! | subject | who publishes | who reads |
 //! |---|---|---|
-//! | `devsync.in.<device>.<kind>` | devices | `DEVSYNC_IN` -> requestor |
+//! | `devsync.in.<device>.<kind>` | devices | the requestor's queue group |
 //! | `devsync.req.<lane>.<device>` | requestor, reconciler (stages) | `DEVSYNC_REQ` (stored as `devsync.req.<lane>.<partition>.<device>`) -> reconciler |
 //! | `devsync.fanout.push.<device>`, `devsync.fanout.wave.<campaign>` | reconciler, requestor | `DEVSYNC_FANOUT` -> fan-out |
 //! | `devsync.audit.<service>` | every service | `DEVSYNC_AUDIT` -> audit |
@@ -17,7 +17,7 @@ use crate::{CampaignId, names};
 /// Root of every devsync subject.
 pub const ROOT: &str = "devsync";
 
-/// Everything devices publish (the subjects of `DEVSYNC_IN`).
+/// Everything devices publish (the requestor's queue-group subscription).
 pub const INGRESS_ALL: &str = "devsync.in.>";
 /// Everything the reconciler consumes, as published (before partitioning).
 pub const REQUEST_INPUT: &str = "devsync.req.*.*";
@@ -29,6 +29,14 @@ pub const AUDIT_ALL: &str = "devsync.audit.>";
 pub const DLQ_ALL: &str = "devsync.dlq.>";
 /// JetStream advisories raised when a message ran out of deliveries.
 pub const MAX_DELIVERIES_ADVISORIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
+
+/// Reply header telling a device whether the payload is its answer (`ok`: `Accepted` or
+/// `RefreshReply`) or an `ErrorReply` (`error`).
+pub const STATUS_HEADER: &str = "Devsync-Status";
+/// [`STATUS_HEADER`] value of an answer.
+pub const STATUS_OK: &str = "ok";
+/// [`STATUS_HEADER`] value of an `ErrorReply`.
+pub const STATUS_ERROR: &str = "error";
 
 /// Where `device` publishes messages of `kind`.
 pub fn ingress(device: &DeviceId, kind: MessageKind) -> String {
@@ -142,6 +150,12 @@ pub fn dlq(stream: &str) -> String {
 /// The JetStream advisory raised when `consumer` of `stream` ran out of deliveries.
 pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
+}
+
+/// The JetStream direct-get subject that reads `key` from KV bucket `bucket` (what a device
+/// may use to read its own last desired state without stream-info rights).
+pub fn kv_direct_get(bucket: &str, key: &str) -> String {
+    format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}")
 }
 
 /// Where the fan-out notifies `device` of a new desired version.

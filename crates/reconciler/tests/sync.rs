@@ -1,0 +1,296 @@
+//! Devices to database and back, through the real requestor and reconciler.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::Stack;
+use devsync_device::Refresh;
+use devsync_proto::Message as _;
+use devsync_proto::v1::{self as pb, AuditEvent, DeviceReport, FanoutTask, SyncRequest};
+use devsync_testkit::wait_for;
+use devsync_types::convert::timestamp;
+use devsync_types::{DeviceId, Lane, names, subjects};
+use futures::StreamExt;
+use serde_json::json;
+
+async fn audit_actions(stack: &Stack, device: &str) -> Vec<String> {
+    stack
+        .stored(names::STREAM_AUDIT)
+        .await
+        .into_iter()
+        .filter_map(|(_, payload)| AuditEvent::decode(payload).ok())
+        .filter(|e| e.device_id == device)
+        .map(|e| e.action)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_report_is_applied_once_despite_retries_and_redeliveries() {
+    let stack = Stack::start().await;
+    stack.register(&["d1"]).await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("r1").await;
+
+    let device = stack.device("d1").await;
+    let accepted = device.report(&json!({"temp": 20}), false).await.unwrap();
+    assert_eq!(accepted.request_id, "report:d1:1");
+    assert!(!accepted.duplicate);
+    assert_eq!(stack.wait_reported("d1", 1).await, json!({"temp": 20}));
+
+    // The device retries the same sequence (it did not see the answer): deduplicated.
+    let retry = stack.device("d1").await;
+    let again = retry.report(&json!({"temp": 20}), false).await.unwrap();
+    assert!(again.duplicate, "same Nats-Msg-Id within the window");
+
+    // A redelivery that JetStream did not deduplicate (different message id, same sequence)
+    // is recognised by the database check.
+    let report = DeviceReport {
+        device_id: "d1".into(),
+        sequence: 1,
+        reported: Some(pb::Payload {
+            body: Some(pb::payload::Body::InlineJson(
+                b"{\"temp\": 99}".to_vec().into(),
+            )),
+        }),
+        full: false,
+        sent_at: None,
+    };
+    let request = SyncRequest {
+        request_id: "report:d1:1".into(),
+        device_id: "d1".into(),
+        lane: pb::Lane::Rt as i32,
+        received_at: Some(timestamp(Utc::now())),
+        kind: Some(pb::sync_request::Kind::Report(report)),
+        ..Default::default()
+    };
+    let d1 = DeviceId::parse("d1").unwrap();
+    stack
+        .js
+        .publish(
+            subjects::request(Lane::Rt, &d1),
+            request.encode_to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the redelivery handled",
+        || async {
+            let actions = audit_actions(&stack, "d1").await;
+            actions
+                .contains(&"report.duplicate".to_string())
+                .then_some(())
+        },
+    )
+    .await;
+    let (reported, version, last_seq, _) = stack.device_row("d1").await;
+    assert_eq!((reported, version, last_seq), (json!({"temp": 20}), 1, 1));
+
+    // A new sequence is applied as a merge patch.
+    device.report(&json!({"hum": 40}), false).await.unwrap();
+    assert_eq!(
+        stack.wait_reported("d1", 2).await,
+        json!({"temp": 20, "hum": 40})
+    );
+    let applied = audit_actions(&stack, "d1")
+        .await
+        .iter()
+        .filter(|a| *a == "report.applied")
+        .count();
+    assert_eq!(applied, 2, "one audit event per applied report");
+
+    reconciler.stop().await;
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn a_waking_device_gets_only_what_changed() {
+    let stack = Stack::start().await;
+    stack.register(&["w1"]).await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    stack
+        .sql("UPDATE devices SET desired = '{\"fw\": \"1.0\", \"mode\": \"eco\", \"net\": {\"ssid\": \"a\"}}' WHERE id = 'w1'")
+        .await;
+    stack
+        .sql("UPDATE devices SET desired = desired || '{\"fw\": \"1.1\"}' WHERE id = 'w1'")
+        .await;
+    stack
+        .sql("UPDATE devices SET desired = '{\"fw\": \"1.2\", \"net\": {\"ssid\": \"b\"}}' WHERE id = 'w1'")
+        .await;
+    let device = stack.device("w1").await;
+
+    assert_eq!(
+        device.refresh(1).await.unwrap(),
+        Refresh::Delta {
+            version: 3,
+            patch: json!({"fw": "1.2", "mode": null, "net": {"ssid": "b"}}),
+        }
+    );
+    assert_eq!(
+        device.refresh(2).await.unwrap(),
+        Refresh::Delta {
+            version: 3,
+            patch: json!({"fw": "1.2", "mode": null, "net": {"ssid": "b"}}),
+        }
+    );
+    assert_eq!(
+        device.refresh(3).await.unwrap(),
+        Refresh::UpToDate { version: 3 }
+    );
+    let full = json!({"fw": "1.2", "net": {"ssid": "b"}});
+    assert_eq!(
+        device.refresh(0).await.unwrap(),
+        Refresh::Full {
+            version: 3,
+            document: full.clone()
+        }
+    );
+    // History older than the window is pruned: a device that far behind gets everything.
+    stack
+        .sql("DELETE FROM desired_history WHERE device_id = 'w1' AND version = 1")
+        .await;
+    assert_eq!(
+        device.refresh(1).await.unwrap(),
+        Refresh::Full {
+            version: 3,
+            document: full
+        }
+    );
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_reported_state_travels_through_the_object_store() {
+    let stack = Stack::start().await;
+    stack.register(&["big"]).await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("r1").await;
+
+    let blob: String = (0..20 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let state = json!({"log": blob, "n": 1});
+    let device = stack.device("big").await;
+    device.report(&state, true).await.unwrap();
+    assert_eq!(stack.wait_reported("big", 1).await, state);
+
+    let store = stack
+        .js
+        .get_object_store(names::OBJECT_BLOBS)
+        .await
+        .unwrap();
+    let objects: Vec<_> = store.list().await.unwrap().collect().await;
+    assert_eq!(objects.len(), 1, "the report was claim-checked");
+    let request = stack.stored(names::STREAM_REQ).await;
+    assert!(request.is_empty(), "the request was acked");
+
+    reconciler.stop().await;
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn a_delta_is_pushed_and_convergence_runs_a_follow_up_stage() {
+    let stack = Stack::start().await;
+    stack.register(&["c1"]).await;
+    stack
+        .sql("UPDATE devices SET desired = '{\"fw\": \"2.0\"}' WHERE id = 'c1'")
+        .await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("r1").await;
+    let device = stack.device("c1").await;
+
+    // Reported differs from desired: a push of desired version 1 is requested.
+    device.report(&json!({"fw": "1.0"}), true).await.unwrap();
+    let push = wait_for(Duration::from_secs(10), "a push task", || async {
+        stack
+            .stored(names::STREAM_FANOUT)
+            .await
+            .into_iter()
+            .find_map(|(_, payload)| FanoutTask::decode(payload).ok())
+    })
+    .await;
+    let push = push.push.unwrap();
+    assert_eq!((push.device_id.as_str(), push.desired_version), ("c1", 1));
+    assert!(push.full);
+
+    // The device applies it, acks, and reports the new state: converged.
+    device.ack(1, true, "").await.unwrap();
+    device.report(&json!({"fw": "2.0"}), true).await.unwrap();
+    wait_for(Duration::from_secs(10), "the converged stage", || async {
+        let actions = audit_actions(&stack, "c1").await;
+        actions
+            .contains(&"stage.completed".to_string())
+            .then_some(())
+    })
+    .await;
+    let (_, _, _, applied) = stack.device_row("c1").await;
+    assert_eq!(applied, 1);
+    let pushes = stack.stored(names::STREAM_FANOUT).await.len();
+    assert_eq!(pushes, 1, "one push per desired version");
+
+    reconciler.stop().await;
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn bulk_work_does_not_hold_back_real_time_work() {
+    let stack = Stack::start().await;
+    let ids: Vec<String> = (0..3000).map(|i| format!("b{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    stack.register(&refs).await;
+    stack.register(&["rt1"]).await;
+    // Bulk work: an admin change for each of 3000 devices, queued before any worker runs.
+    stack
+        .sql("UPDATE devices SET desired = '{\"mode\": \"eco\"}' WHERE id LIKE 'b%'")
+        .await;
+    stack.sql("DELETE FROM desired_changes").await;
+    stack.declare().await;
+    for id in &ids {
+        let device = DeviceId::parse(id.clone()).unwrap();
+        let request = SyncRequest {
+            request_id: format!("admin:{id}:1"),
+            device_id: id.clone(),
+            lane: pb::Lane::Bulk as i32,
+            received_at: Some(timestamp(Utc::now())),
+            kind: Some(pb::sync_request::Kind::AdminChange(pb::AdminChange {
+                outbox_id: 1,
+                desired_version: 1,
+                campaign_id: String::new(),
+            })),
+            ..Default::default()
+        };
+        stack
+            .js
+            .publish(
+                subjects::request(Lane::Bulk, &device),
+                request.encode_to_vec().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("r1").await;
+    let device = stack.device("rt1").await;
+    device.report(&json!({"x": 1}), true).await.unwrap();
+    stack.wait_reported("rt1", 1).await;
+    // The real-time report was applied while the bulk backlog was still being worked off.
+    let left = stack.stream_messages(names::STREAM_REQ).await;
+    assert!(left > 0, "the rt report waited for the whole bulk backlog");
+    wait_for(
+        Duration::from_secs(30),
+        "the bulk backlog drained",
+        || async { (stack.stream_messages(names::STREAM_REQ).await == 0).then_some(()) },
+    )
+    .await;
+    let pushes = stack.stream_messages(names::STREAM_FANOUT).await;
+    assert_eq!(pushes, 3000, "every bulk request produced its push");
+
+    reconciler.stop().await;
+    requestor.stop().await;
+}
