@@ -114,6 +114,13 @@ impl SettingsTrait for Settings {
     fn common(&self) -> &CommonSettings {
         &self.common
     }
+
+    fn extract(figment: &figment::Figment) -> Result<Self, figment::Error> {
+        Ok(Self {
+            common: figment.extract_lossy()?,
+            reconciler: devsync_runtime::config::section(figment, "reconciler")?,
+        })
+    }
 }
 
 /// A started reconciler.

@@ -124,6 +124,13 @@ impl SettingsTrait for Settings {
     fn common(&self) -> &CommonSettings {
         &self.common
     }
+
+    fn extract(figment: &figment::Figment) -> Result<Self, figment::Error> {
+        Ok(Self {
+            common: figment.extract_lossy()?,
+            requestor: devsync_runtime::config::section(figment, "requestor")?,
+        })
+    }
 }
 
 /// A started requestor.

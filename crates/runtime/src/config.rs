@@ -162,9 +162,19 @@ fn insert(dict: &mut Dict, key: &str, value: Value) {
 }
 
 /// A settings struct a program can load.
+///
+/// A service's settings are the common settings plus one section of its own (`[requestor]`,
+/// `DEVSYNC_REQUESTOR__*`). Serialize them flattened (for the defaults layer) but extract them
+/// with [`Settings::extract`] as `common` + [`section`], because serde's `flatten` would
+/// bypass figment's typed conversion of environment strings.
 pub trait Settings: DeserializeOwned + Serialize + Default {
     /// Checks relations and ranges serde cannot express. Names the bad key on failure.
     fn validate(&self) -> Result<(), ConfigError>;
+
+    /// Builds the settings from the merged layers.
+    fn extract(figment: &Figment) -> Result<Self, figment::Error> {
+        figment.extract_lossy()
+    }
 
     /// The common part (logging, connections).
     fn common(&self) -> &CommonSettings;
@@ -183,9 +193,7 @@ pub fn load<S: Settings>(sources: &ConfigSources) -> Result<S, ConfigError> {
         figment = figment.merge(Toml::file_exact(path));
     }
     figment = figment.merge(EnvProvider::new(sources));
-    let settings: S = figment
-        .extract_lossy()
-        .map_err(|err| from_figment(err, sources))?;
+    let settings = S::extract(&figment).map_err(|err| from_figment(err, sources))?;
     settings.validate()?;
     Ok(settings)
 }
@@ -209,6 +217,11 @@ fn from_figment(err: figment::Error, sources: &ConfigSources) -> ConfigError {
         key,
         message: err.kind.to_string(),
     }
+}
+
+/// Extracts the section `key` of a service's settings (see [`Settings`]).
+pub fn section<T: DeserializeOwned>(figment: &Figment, key: &str) -> Result<T, figment::Error> {
+    figment.extract_inner_lossy(key)
 }
 
 /// A string that must never be logged (passwords, URLs with credentials).

@@ -120,3 +120,63 @@ fn a_bad_value_gets_one_line_naming_the_setting() {
         .to_string();
     assert_eq!(err, "config file /nonexistent/devsync.toml: no such file");
 }
+
+#[test]
+fn numbers_and_durations_from_the_environment_are_typed() {
+    let sources = ConfigSources::from_pairs(
+        None,
+        [
+            ("DEVSYNC_TOPOLOGY__PARTITIONS", "4"),
+            ("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s"),
+            ("DEVSYNC_WORKER__PULL_EXPIRES", "1s"),
+            ("DEVSYNC_TOPOLOGY__DECLARE_ON_START", "false"),
+        ],
+    );
+    let settings: CommonSettings = config::load(&sources).unwrap();
+    assert_eq!(settings.topology.partitions.get(), 4);
+    assert_eq!(settings.topology.pin_timeout, Duration::from_secs(2));
+    assert!(!settings.topology.declare_on_start);
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Section {
+    share: f64,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct ServiceSettings {
+    #[serde(flatten)]
+    common: CommonSettings,
+    svc: Section,
+}
+
+impl config::Settings for ServiceSettings {
+    fn validate(&self) -> Result<(), config::ConfigError> {
+        self.common.validate()
+    }
+    fn common(&self) -> &CommonSettings {
+        &self.common
+    }
+    fn extract(figment: &figment::Figment) -> Result<Self, figment::Error> {
+        Ok(Self {
+            common: figment.extract_lossy()?,
+            svc: config::section(figment, "svc")?,
+        })
+    }
+}
+
+#[test]
+fn service_sections_load_typed_values_from_the_environment() {
+    let sources = ConfigSources::from_pairs(
+        None,
+        [
+            ("DEVSYNC_TOPOLOGY__PARTITIONS", "4"),
+            ("DEVSYNC_SVC__SHARE", "0.5"),
+        ],
+    );
+    let settings: ServiceSettings = config::load(&sources).unwrap();
+    assert_eq!(settings.common.topology.partitions.get(), 4);
+    assert_eq!(settings.svc.share, 0.5);
+}

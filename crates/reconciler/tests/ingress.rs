@@ -1,0 +1,206 @@
+//! Bad input and floods at the front door: each bad message gets its clear error and leaves an
+//! audit (and, when undecodable, a DLQ) trace, and nothing else is lost or blocked.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Stack;
+use devsync_device::DeviceError;
+use devsync_proto::Message as _;
+use devsync_proto::v1::{AuditEvent, DeadLetter, DeviceReport, ErrorReply, error_reply::Code};
+use devsync_testkit::wait_for;
+use devsync_types::{names, subjects};
+use serde_json::json;
+
+/// Sends raw bytes on `subject` and decodes the error reply.
+async fn refused(stack: &Stack, subject: &str, payload: Bytes) -> ErrorReply {
+    let client = stack.nats.client().await;
+    let reply = client.request(subject.to_owned(), payload).await.unwrap();
+    let status = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subjects::STATUS_HEADER))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(status.as_deref(), Some(subjects::STATUS_ERROR), "{subject}");
+    ErrorReply::decode(reply.payload).unwrap()
+}
+
+fn report(device: &str, sequence: u64, state: &str) -> Bytes {
+    DeviceReport {
+        device_id: device.into(),
+        sequence,
+        reported: Some(devsync_proto::v1::Payload {
+            body: Some(devsync_proto::v1::payload::Body::InlineJson(
+                state.as_bytes().to_vec().into(),
+            )),
+        }),
+        full: true,
+        sent_at: None,
+    }
+    .encode_to_vec()
+    .into()
+}
+
+#[tokio::test]
+async fn every_bad_message_gets_a_clear_error_and_a_trace() {
+    let stack = Stack::start().await;
+    stack.register(&["good", "off"]).await;
+    stack
+        .sql("UPDATE devices SET enabled = false WHERE id = 'off'")
+        .await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("r1").await;
+
+    let garbage = Bytes::from_static(&[0xff, 0xff, 0xff, 0x01, 0x02]);
+    let undecodable = refused(&stack, "devsync.in.good.report", garbage.clone()).await;
+    assert_eq!(undecodable.code(), Code::Undecodable);
+    assert!(
+        undecodable.message.contains("not a valid report message"),
+        "{}",
+        undecodable.message
+    );
+
+    let big = Bytes::from(vec![b'x'; 300 * 1024]);
+    let too_large = refused(&stack, "devsync.in.good.report", big).await;
+    assert_eq!(too_large.code(), Code::TooLarge);
+    assert!(
+        too_large.message.contains("at most 262144"),
+        "{}",
+        too_large.message
+    );
+
+    let unknown_kind = refused(&stack, "devsync.in.good.reboot", report("good", 1, "{}")).await;
+    assert_eq!(unknown_kind.code(), Code::UnknownKind);
+    assert!(
+        unknown_kind.message.contains("\"reboot\""),
+        "{}",
+        unknown_kind.message
+    );
+
+    let wrong = refused(
+        &stack,
+        "devsync.in.good.report",
+        report("someone-else", 1, "{}"),
+    )
+    .await;
+    assert_eq!(wrong.code(), Code::WrongIdentity);
+    assert!(wrong.message.contains("someone-else"), "{}", wrong.message);
+
+    let unknown = refused(&stack, "devsync.in.stranger.report", report("", 1, "{}")).await;
+    assert_eq!(unknown.code(), Code::UnknownDevice);
+    assert!(unknown.message.contains("not registered"));
+
+    let disabled = refused(&stack, "devsync.in.off.report", report("", 1, "{}")).await;
+    assert_eq!(disabled.code(), Code::UnknownDevice);
+    assert!(disabled.message.contains("disabled"));
+
+    let not_object = refused(&stack, "devsync.in.good.report", report("", 1, "[1, 2]")).await;
+    assert_eq!(not_object.code(), Code::Invalid);
+    assert!(
+        not_object.message.contains("must be a JSON object"),
+        "{}",
+        not_object.message
+    );
+
+    let bad_json = refused(&stack, "devsync.in.good.report", report("", 1, "{oops")).await;
+    assert_eq!(bad_json.code(), Code::Invalid);
+
+    let no_sequence = refused(&stack, "devsync.in.good.report", report("", 0, "{}")).await;
+    assert_eq!(no_sequence.code(), Code::Invalid);
+
+    // The next good message goes through.
+    let device = stack.device("good").await;
+    device.report(&json!({"ok": true}), true).await.unwrap();
+    assert_eq!(stack.wait_reported("good", 1).await, json!({"ok": true}));
+
+    // Every refusal was audited; the undecodable one was dead-lettered with its bytes.
+    let refusals = wait_for(Duration::from_secs(10), "refusal audit events", || async {
+        let events: Vec<AuditEvent> = stack
+            .stored(names::STREAM_AUDIT)
+            .await
+            .into_iter()
+            .filter_map(|(_, p)| AuditEvent::decode(p).ok())
+            .filter(|e| e.action == "message.refused")
+            .collect();
+        (events.len() >= 9).then_some(events)
+    })
+    .await;
+    assert_eq!(refusals.len(), 9);
+    assert!(
+        refusals
+            .iter()
+            .all(|e| e.worker_id.starts_with("requestor/"))
+    );
+    let letters: Vec<DeadLetter> = stack
+        .stored(names::STREAM_DLQ)
+        .await
+        .into_iter()
+        .filter_map(|(_, p)| DeadLetter::decode(p).ok())
+        .collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].original, garbage);
+    assert_eq!(letters[0].subject, "devsync.in.good.report");
+
+    reconciler.stop().await;
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn a_flooding_device_is_throttled_while_others_flow() {
+    let stack = Stack::start().await;
+    stack.register(&["flood", "calm"]).await;
+    let mut settings = stack.requestor_settings();
+    settings.requestor.rate_per_device = 10;
+    settings.requestor.burst_per_device = 10;
+    let requestor = stack.requestor(settings).await;
+    let reconciler = stack.reconciler("r1").await;
+
+    // 200 reports as fast as possible from one device, without retrying refusals.
+    let client = stack.nats.client().await;
+    let mut flood = Vec::new();
+    for sequence in 1..=200u64 {
+        flood.push(client.request(
+            "devsync.in.flood.report".to_owned(),
+            report("flood", sequence, &format!("{{\"n\": {sequence}}}")),
+        ));
+    }
+    let calm = stack.device("calm").await;
+    for n in 1..=5 {
+        calm.report(&json!({"n": n}), true).await.unwrap();
+    }
+    let mut limited = 0;
+    let mut accepted = 0;
+    for reply in futures::future::join_all(flood).await {
+        let reply = reply.unwrap();
+        let status = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::STATUS_HEADER))
+            .map(|v| v.as_str().to_owned());
+        if status.as_deref() == Some(subjects::STATUS_ERROR) {
+            let error = ErrorReply::decode(reply.payload).unwrap();
+            assert_eq!(error.code(), Code::RateLimited);
+            assert!(error.retry_after_ms > 0);
+            limited += 1;
+        } else {
+            accepted += 1;
+        }
+    }
+    assert!(limited >= 150, "most of the flood was refused: {limited}");
+    assert!(accepted >= 10, "the burst was accepted: {accepted}");
+    // The calm device lost nothing.
+    assert_eq!(stack.wait_reported("calm", 5).await, json!({"n": 5}));
+
+    // The device client itself backs off on RATE_LIMITED and eventually gets through.
+    let patient = stack.device("flood").await;
+    let outcome = patient.report(&json!({"n": 0}), true).await;
+    assert!(
+        !matches!(outcome, Err(DeviceError::Refused { .. })),
+        "{outcome:?}"
+    );
+
+    reconciler.stop().await;
+    requestor.stop().await;
+}
