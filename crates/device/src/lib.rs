@@ -271,10 +271,10 @@ impl Device {
                 Ok(Ok(message)) => match answer(message.headers.as_ref(), message.payload) {
                     Ok(bytes) => return Ok(bytes),
                     Err(DeviceError::Refused {
-                        code,
+                        code: Code::Unavailable | Code::RateLimited,
                         message,
                         retry_after,
-                    }) if matches!(code, Code::Unavailable | Code::RateLimited) => {
+                    }) => {
                         last = message;
                         retry_after.unwrap_or(backoff)
                     }
