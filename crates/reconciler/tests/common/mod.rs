@@ -30,8 +30,10 @@ impl Stack {
     }
 
     pub fn common(&self, instance: &str) -> CommonSettings {
-        let mut common = CommonSettings::default();
-        common.instance = Some(instance.to_owned());
+        let mut common = CommonSettings {
+            instance: Some(instance.to_owned()),
+            ..CommonSettings::default()
+        };
         common.nats.url = self.nats.url();
         common.database.url = Secret::new(self.db.url.clone());
         common.database.pool_size = 4;
