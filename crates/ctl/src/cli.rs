@@ -30,8 +30,9 @@ pub enum Command {
     Bootstrap,
     /// Show streams and consumers with their pending and ack-pending counts.
     Status(StatusArgs),
-    /// Start a local stack: NATS (JetStream) and PostgreSQL in ./.devsync, migrated and
-    /// bootstrapped, until Ctrl-C. Uses NATS_URL / DATABASE_URL instead when they are set.
+    /// Start the whole system locally: NATS (JetStream) and PostgreSQL in ./.devsync, migrated
+    /// and bootstrapped, the devsync services and a simulated fleet, with a live status line,
+    /// until Ctrl-C. Uses NATS_URL / DATABASE_URL instead of starting its own when they are set.
     Up(UpArgs),
 }
 
@@ -54,4 +55,13 @@ pub struct UpArgs {
     /// for Ctrl-C.
     #[arg(long)]
     pub no_wait: bool,
+    /// Simulated devices to run (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Start only NATS and PostgreSQL, not the devsync services and devices.
+    #[arg(long)]
+    pub no_services: bool,
+    /// Seconds a simulated device sleeps between wake cycles.
+    #[arg(long, default_value_t = 10)]
+    pub device_sleep: u64,
 }

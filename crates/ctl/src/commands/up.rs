@@ -11,6 +11,8 @@ use devsync_localstack::{NatsOptions, NatsServer, PostgresCluster, PostgresOptio
 use devsync_runtime::config::{ConfigSources, Secret};
 use devsync_runtime::topology::Topology;
 use devsync_runtime::{CommonSettings, shutdown};
+use devsync_types::names;
+use std::sync::atomic::Ordering;
 
 use crate::cli::UpArgs;
 use crate::commands::bootstrap::print_report;
@@ -114,20 +116,180 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let stop = shutdown::on_signals();
     let stack = start(settings, sources, &args.dir, args.fresh).await?;
-    let nats = &stack.settings.nats.url;
-    let db = stack.settings.database.url.expose();
+    let nats = stack.settings.nats.url.clone();
+    let db = stack.settings.database.url.expose().to_owned();
+    let services = if args.no_services {
+        None
+    } else {
+        Some(Services::start(&stack.settings, &args, stop.child_token()).await?)
+    };
     println!();
-    println!("devsync local stack is up. In another terminal:");
+    println!("devsync is up. In another terminal:");
     println!("  export DEVSYNC_NATS__URL={nats} DEVSYNC_DATABASE__URL={db}");
-    println!("  cargo run -q -p devsync-ctl -- status      # streams and consumers");
-    println!("  psql {db}                                   # the source of truth");
+    println!("  cargo run -q -p devsync-ctl -- status");
+    println!(
+        "  psql {db} -c \"UPDATE devices SET desired = '{{\\\"mode\\\": \\\"eco\\\"}}' WHERE id = 'sim-000001'\""
+    );
+    println!(
+        "  psql {db} -c \"SELECT id, desired_version, applied_desired_version, reported FROM devices WHERE id = 'sim-000001'\""
+    );
     if args.no_wait {
+        if let Some(services) = services {
+            services.stop().await;
+        }
         return Ok(());
     }
     println!();
     println!("press Ctrl-C to stop everything started here");
-    stop.cancelled().await;
+    if let Some(services) = &services {
+        services.watch(&stack, &stop).await;
+    } else {
+        stop.cancelled().await;
+    }
     println!("stopping");
+    if let Some(services) = services {
+        services.stop().await;
+    }
     drop(stack);
     Ok(())
+}
+
+/// The services and the simulated fleet, run in this process.
+struct Services {
+    requestor: devsync_requestor::Running,
+    reconciler: devsync_reconciler::Running,
+    fleet: Option<devsync_sim::Fleet>,
+    token: devsync_runtime::Shutdown,
+}
+
+impl Services {
+    async fn start(
+        settings: &CommonSettings,
+        args: &UpArgs,
+        token: devsync_runtime::Shutdown,
+    ) -> anyhow::Result<Self> {
+        let local = |name: &str| {
+            let mut common = settings.clone();
+            common.instance = Some(name.to_owned());
+            common.http.listen = "127.0.0.1:0".parse().expect("valid address");
+            common
+        };
+        let requestor = devsync_requestor::start(
+            devsync_requestor::Settings {
+                common: local("requestor-local"),
+                requestor: Default::default(),
+            },
+            token.clone(),
+        )
+        .await
+        .context("start requestor")?;
+        let reconciler = devsync_reconciler::start(
+            devsync_reconciler::Settings {
+                common: local("reconciler-local"),
+                reconciler: Default::default(),
+            },
+            token.clone(),
+        )
+        .await
+        .context("start reconciler")?;
+        println!(
+            "services:  requestor http://{}/metrics, reconciler http://{}/metrics",
+            requestor.http_addr, reconciler.http_addr
+        );
+        let fleet = if args.devices > 0 {
+            devsync_sim::register(settings.database.url.expose(), args.devices).await?;
+            let fleet = devsync_sim::Fleet::start(
+                &settings.nats.url,
+                args.devices,
+                8,
+                devsync_sim::Behaviour {
+                    sleep: std::time::Duration::from_secs(args.device_sleep),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            println!(
+                "devices:   {} simulated devices (sim-000000...)",
+                fleet.size
+            );
+            Some(fleet)
+        } else {
+            None
+        };
+        Ok(Self {
+            requestor,
+            reconciler,
+            fleet,
+            token,
+        })
+    }
+
+    /// Prints a status line every two seconds until `stop`.
+    async fn watch(&self, stack: &Stack, stop: &devsync_runtime::Shutdown) {
+        let Ok(client) =
+            devsync_runtime::nats::connect(&stack.settings.nats, "devsyncctl-watch").await
+        else {
+            stop.cancelled().await;
+            return;
+        };
+        let js = async_nats::jetstream::new(client);
+        let pool = devsync_store::pool(stack.settings.database.url.expose(), 1).ok();
+        let mut ticker = tokio::time::interval(std::time::Duration::from_secs(2));
+        let mut last_reports = 0u64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let mut depth = Vec::new();
+            for stream in [names::STREAM_REQ, names::STREAM_FANOUT, names::STREAM_AUDIT] {
+                let messages = match js.get_stream(stream).await {
+                    Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                depth.push(format!(
+                    "{}={messages}",
+                    stream.trim_start_matches("DEVSYNC_")
+                ));
+            }
+            let converged = match &pool {
+                Some(pool) => match pool.get().await {
+                    Ok(client) => client
+                        .query_one(
+                            "SELECT count(*) FILTER (WHERE applied_desired_version = desired_version), count(*) FROM devices",
+                            &[],
+                        )
+                        .await
+                        .map(|r| format!("{}/{}", r.get::<_, i64>(0), r.get::<_, i64>(1)))
+                        .unwrap_or_default(),
+                    Err(_) => String::new(),
+                },
+                None => String::new(),
+            };
+            let (awake, reports, errors, size) = match &self.fleet {
+                Some(fleet) => (
+                    fleet.counters.awake.load(Ordering::Relaxed),
+                    fleet.counters.reports.load(Ordering::Relaxed),
+                    fleet.counters.errors.load(Ordering::Relaxed),
+                    fleet.size,
+                ),
+                None => (0, 0, 0, 0),
+            };
+            let rate = (reports - last_reports) / 2;
+            last_reports = reports;
+            println!(
+                "devices awake {awake}/{size} | reports/s {rate} | queued {} | converged {converged} | device errors {errors}",
+                depth.join(" ")
+            );
+        }
+    }
+
+    async fn stop(self) {
+        if let Some(fleet) = self.fleet {
+            fleet.stop().await;
+        }
+        self.token.cancel();
+        let _ = self.requestor.wait().await;
+        let _ = self.reconciler.wait().await;
+    }
 }
