@@ -13,10 +13,11 @@ setup:
 up *ARGS: setup
     cargo run --release -q -p devsync-ctl -- up {{ARGS}}
 
-# run the whole test suite against real NATS and a private PostgreSQL
+# run the whole test suite against real NATS and a private PostgreSQL, then the chart tests
 test: setup
     cargo build -q -p devsync-testkit --bin devsync-testenv
     target/debug/devsync-testenv cargo nextest run --workspace --no-fail-fast
+    bash scripts/chart-test.sh
 
 # formatting and lints, as CI runs them
 lint:

@@ -126,7 +126,9 @@ securityContext:
 {{/*
 Environment of a devsync container. Call with (dict "root" $ "identity" "requestor" "env" <map>).
 `identity` names the NATS credentials to use: the service's own name, or "admin" for devsyncctl
-(the migrate hook and the helm test). Plain settings are sorted by name; the component's env
+(the migrate hook and the helm test). Services only verify the topology at start
+(DEVSYNC_TOPOLOGY__DECLARE_ON_START=false): their NATS users may not create streams, and the
+hook's `devsyncctl bootstrap` declares it. Plain settings are sorted by name; the component's env
 wins over config.env, which wins over the chart's. Credentials only ever come from secretKeyRef.
 */}}
 {{- define "devsync.env" -}}
@@ -140,6 +142,7 @@ wins over config.env, which wins over the chart's. Credentials only ever come fr
   "DEVSYNC_LOG__LEVEL" $v.config.log.level
   "DEVSYNC_TOPOLOGY__PARTITIONS" (toString (int $v.config.partitions))
   "DEVSYNC_TOPOLOGY__REPLICAS" (toString (int $v.config.streamReplicas))
+  "DEVSYNC_TOPOLOGY__DECLARE_ON_START" (ternary "true" "false" (eq .identity "admin"))
   "DEVSYNC_SHUTDOWN__DRAIN_TIMEOUT" (printf "%ds" (int $v.config.drainTimeoutSeconds))
 }}
 {{- with $v.otel.endpoint }}
