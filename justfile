@@ -28,5 +28,10 @@ lint:
 chart-test: setup
     bash scripts/chart-test.sh
 
+# the benchmarks: raw limits and end-to-end scenarios (`just bench --quick` takes about a minute)
+bench *ARGS: setup
+    cargo build --release -q --bins
+    target/release/devsync-bench {{ARGS}}
+
 # everything CI checks
 verify: lint test

@@ -10,5 +10,6 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/devsync.v1.rs"));
 }
 
+pub use prost;
 pub use prost::Message;
 pub use prost_types::Timestamp;

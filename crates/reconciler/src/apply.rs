@@ -746,8 +746,7 @@ impl Outputs {
     }
 
     fn finish(mut self, auditor: &Auditor) -> Vec<Outgoing> {
-        self.messages
-            .extend(self.audits.iter().map(|record| auditor.message(record)));
+        self.messages.extend(auditor.message(&self.audits));
         self.messages
     }
 }

@@ -8,7 +8,7 @@ use chrono::Utc;
 use common::Stack;
 use devsync_device::Refresh;
 use devsync_proto::Message as _;
-use devsync_proto::v1::{self as pb, AuditEvent, DeviceReport, FanoutTask, SyncRequest};
+use devsync_proto::v1::{self as pb, DeviceReport, FanoutTask, SyncRequest};
 use devsync_testkit::wait_for;
 use devsync_types::convert::timestamp;
 use devsync_types::{DeviceId, Lane, names, subjects};
@@ -20,7 +20,7 @@ async fn audit_actions(stack: &Stack, device: &str) -> Vec<String> {
         .stored(names::STREAM_AUDIT)
         .await
         .into_iter()
-        .filter_map(|(_, payload)| AuditEvent::decode(payload).ok())
+        .flat_map(|(_, payload)| devsync_runtime::audit::decode(&payload).unwrap_or_default())
         .filter(|e| e.device_id == device)
         .map(|e| e.action)
         .collect()

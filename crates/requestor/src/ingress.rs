@@ -433,7 +433,9 @@ impl Ingress {
 
     fn audit(&self, record: devsync_types::AuditRecord) {
         let js = self.js.clone();
-        let message = self.auditor.message(&record);
+        let Some(message) = self.auditor.message(std::slice::from_ref(&record)) else {
+            return;
+        };
         tokio::spawn(async move {
             if let Err(error) = publish::publish_all(&js, [message]).await {
                 tracing::warn!(%error, "cannot publish audit event");

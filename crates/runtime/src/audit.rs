@@ -61,14 +61,28 @@ impl Auditor {
         }
     }
 
-    /// The message that carries `record` to `DEVSYNC_AUDIT`.
-    pub fn message(&self, record: &AuditRecord) -> Outgoing {
-        let event = pb::AuditEvent::from(record);
-        Outgoing {
+    /// The message that carries `records` to `DEVSYNC_AUDIT`: one `AuditBatch`, with a
+    /// message id derived from its events so a re-publish is deduplicated. `None` when empty.
+    pub fn message(&self, records: &[AuditRecord]) -> Option<Outgoing> {
+        let (first, last) = (records.first()?, records.last()?);
+        let batch = pb::AuditBatch {
+            events: records.iter().map(pb::AuditEvent::from).collect(),
+        };
+        Some(Outgoing {
             subject: self.subject.clone(),
-            msg_id: format!("audit:{}", record.event_id),
-            payload: event.encode_to_vec().into(),
+            msg_id: format!(
+                "audit:{}:{}:{}",
+                first.event_id,
+                last.event_id,
+                records.len()
+            ),
+            payload: batch.encode_to_vec().into(),
             headers: None,
-        }
+        })
     }
+}
+
+/// The events a `DEVSYNC_AUDIT` message carries.
+pub fn decode(payload: &[u8]) -> Result<Vec<pb::AuditEvent>, devsync_proto::prost::DecodeError> {
+    pb::AuditBatch::decode(payload).map(|batch| batch.events)
 }

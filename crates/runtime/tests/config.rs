@@ -20,7 +20,7 @@ fn defaults_apply_without_file_or_environment() {
     ))
     .unwrap();
     assert_eq!(settings, CommonSettings::default());
-    assert_eq!(settings.topology.partitions.get(), 64);
+    assert_eq!(settings.topology.partitions.get(), 16);
 }
 
 #[test]

@@ -106,9 +106,13 @@ impl PartitionCount {
     }
 }
 
+/// 16 by default: measured on the 2-core machine, 16 partitions (32 consumers) sustain about
+/// 50% more reports/s than 64 (128 consumers), because nats-server checks every consumer of a
+/// WorkQueue stream on each ack; 8 is no faster than 16. Sixteen partitions allow up to 16
+/// active reconciler replicas.
 impl Default for PartitionCount {
     fn default() -> Self {
-        Self(64)
+        Self(16)
     }
 }
 

@@ -1,0 +1,184 @@
+//! Scenario (a): device reports end to end. Devices (simulated with request/reply, as the
+//! device client does it) send reports through the requestor and reconciler, run as separate
+//! processes, into PostgreSQL. Each device sends its reports one at a time, as the protocol
+//! asks; `concurrency` devices are active at once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use devsync_proto::Message as _;
+use devsync_proto::v1::{DeviceReport, Payload, payload};
+use devsync_types::{MessageKind, subjects};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use crate::procs::{self, ProcStats, ServiceProcess};
+
+/// What the scenario measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub devices: usize,
+    pub reports: u64,
+    /// Reports answered by the requestor (durable) per second.
+    pub ingest_per_second: f64,
+    /// Reports applied in PostgreSQL per second, from the first send to the last commit.
+    pub applied_per_second: f64,
+    pub ingress_p50_ms: f64,
+    pub ingress_p99_ms: f64,
+    pub ingress_p999_ms: f64,
+    /// Report to database commit (from the reconciler's histogram; bucket upper bounds).
+    pub report_to_db_p50_ms: Option<f64>,
+    pub report_to_db_p99_ms: Option<f64>,
+    pub errors: u64,
+    pub services: Vec<ProcStats>,
+}
+
+fn report_payload(device: &str, sequence: u64) -> Bytes {
+    let state = serde_json::json!({
+        "temperature": 20.0 + (sequence % 10) as f64 / 10.0,
+        "battery": 100 - (sequence % 100),
+        "uptime_s": sequence * 60,
+        "fw": "1.4.2",
+        "rssi": -61,
+        "mode": "normal",
+        "location": {"lat": 48.8566, "lon": 2.3522},
+        "note": "bench payload padding to about three hundred bytes on the wire...",
+    });
+    DeviceReport {
+        device_id: device.to_owned(),
+        sequence,
+        reported: Some(Payload {
+            body: Some(payload::Body::InlineJson(
+                serde_json::to_vec(&state).unwrap_or_default().into(),
+            )),
+        }),
+        full: false,
+        sent_at: None,
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Runs the scenario.
+pub async fn run(
+    nats_url: &str,
+    database_url: &str,
+    dir: &Path,
+    devices: usize,
+    per_device: u64,
+    concurrency: usize,
+) -> anyhow::Result<Results> {
+    devsync_sim::register(database_url, devices).await?;
+    let env = vec![
+        ("DEVSYNC_NATS__URL".to_owned(), nats_url.to_owned()),
+        ("DEVSYNC_DATABASE__URL".to_owned(), database_url.to_owned()),
+    ];
+    let mut requestor = ServiceProcess::spawn("devsync-requestor", &env, dir)?;
+    let mut reconciler = ServiceProcess::spawn("devsync-reconciler", &env, dir)?;
+    requestor.wait_ready(Duration::from_secs(60)).await?;
+    reconciler.wait_ready(Duration::from_secs(60)).await?;
+    // Let the reconciler take its partitions.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let total = devices as u64 * per_device;
+    println!("scenario a: {total} reports from {devices} devices, {concurrency} devices at once");
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(async_nats::connect(nats_url).await?);
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let client = clients[worker % clients.len()].clone();
+        let next = next.clone();
+        let errors = errors.clone();
+        workers.spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= devices {
+                    break;
+                }
+                let device = devsync_sim::device_id(index);
+                let subject = subjects::ingress(&device, MessageKind::Report);
+                for sequence in 1..=per_device {
+                    let body = report_payload(device.as_str(), sequence);
+                    for _attempt in 0..10 {
+                        let sent = Instant::now();
+                        let reply = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            client.request(subject.clone(), body.clone()),
+                        )
+                        .await;
+                        let ok = matches!(&reply, Ok(Ok(message)) if message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(subjects::STATUS_HEADER))
+                            .is_some_and(|v| v.as_str() == subjects::STATUS_OK));
+                        if ok {
+                            let _ = histogram.record(sent.elapsed().as_micros() as u64);
+                            break;
+                        }
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            histogram
+        });
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Some(histogram) = workers.join_next().await {
+        latency.add(histogram?)?;
+    }
+    let ingest_seconds = started.elapsed().as_secs_f64();
+    println!("scenario a: ingested in {ingest_seconds:.1}s; waiting for the database to catch up");
+
+    let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    tokio::spawn(connection);
+    let per_device_i64 = per_device as i64;
+    loop {
+        let done: i64 = client
+            .query_one(
+                "SELECT count(*) FROM devices WHERE id LIKE 'sim-%' AND last_seq >= $1",
+                &[&per_device_i64],
+            )
+            .await?
+            .get(0);
+        if done as usize >= devices {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            anyhow::bail!("the database did not catch up within an hour ({done}/{devices})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let applied_seconds = started.elapsed().as_secs_f64();
+    let metrics = reconciler.metrics().await.context("reconciler metrics")?;
+    let to_db = |q| {
+        procs::histogram_quantile(&metrics, "devsync_report_to_db_seconds", q)
+            .map(|seconds| seconds * 1000.0)
+    };
+    let results = Results {
+        devices,
+        reports: total,
+        ingest_per_second: total as f64 / ingest_seconds,
+        applied_per_second: total as f64 / applied_seconds,
+        ingress_p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
+        ingress_p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
+        ingress_p999_ms: latency.value_at_quantile(0.999) as f64 / 1000.0,
+        report_to_db_p50_ms: to_db(0.5),
+        report_to_db_p99_ms: to_db(0.99),
+        errors: errors.load(Ordering::Relaxed),
+        services: vec![requestor.stop(), reconciler.stop()],
+    };
+    Ok(results)
+}

@@ -1,0 +1,107 @@
+//! devsync's benchmarks. One run measures, on the same machine and in this order:
+//!
+//! 1. the raw limits ([`raw`]): JetStream async publish and pull-consume of 300-byte messages,
+//!    core NATS publish, batched PostgreSQL upsert;
+//! 2. the end-to-end scenario ([`e2e`]): device reports from many devices through the
+//!    requestor and reconciler (run as separate processes, as deployed) into PostgreSQL, with
+//!    the ingress answer latency, the report-to-database latency, and each service's peak RSS
+//!    and CPU;
+//!
+//! then prints one table where every throughput is also given as a ratio of the raw limits
+//! measured in the same run, so a figure from a noisy machine is still honest, and writes the
+//! same as JSON and Markdown into the results directory. Sizes are flags; `--quick` finishes in
+//! about a minute. Nothing here asserts timings: benchmarks report, tests check behaviour.
+
+pub mod e2e;
+pub mod procs;
+pub mod raw;
+pub mod report;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use devsync_localstack::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions};
+
+/// devsync benchmarks: raw limits, then end-to-end scenarios, on this machine.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "devsync-bench", version)]
+pub struct Args {
+    /// Small sizes: finishes in about a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Devices in the end-to-end scenario.
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// Reports each device sends.
+    #[arg(long)]
+    pub reports_per_device: Option<u64>,
+    /// Device requests in flight at once.
+    #[arg(long, default_value_t = 2000)]
+    pub concurrency: usize,
+    /// Messages for the raw JetStream measurements.
+    #[arg(long)]
+    pub raw_messages: Option<usize>,
+    /// Where results go.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Where the bench keeps its NATS and PostgreSQL data (deleted first).
+    #[arg(long, default_value = "target/devsync-bench")]
+    pub dir: PathBuf,
+}
+
+impl Args {
+    fn devices(&self) -> usize {
+        self.devices
+            .unwrap_or(if self.quick { 10_000 } else { 100_000 })
+    }
+    fn reports_per_device(&self) -> u64 {
+        self.reports_per_device.unwrap_or(10)
+    }
+    fn raw_messages(&self) -> usize {
+        self.raw_messages
+            .unwrap_or(if self.quick { 50_000 } else { 300_000 })
+    }
+}
+
+/// Runs everything and writes the results.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let nats = NatsServer::start(NatsOptions::in_dir(dir.join("nats"))?).context("nats-server")?;
+    let postgres = PostgresCluster::start(PostgresOptions {
+        dir: dir.join("postgres"),
+        port: None,
+        ephemeral: false,
+    })
+    .context("postgres")?;
+    let database_url = postgres.url("devsync");
+    devsync_store::ensure_database(&database_url).await?;
+    devsync_store::migrate(&database_url).await?;
+    println!(
+        "devsync-bench: nats {} , postgres {}, {} cores",
+        nats.url(),
+        database_url,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let raw = raw::measure(nats.url(), &database_url, args.raw_messages()).await?;
+    raw.print();
+    let e2e = e2e::run(
+        nats.url(),
+        &database_url,
+        &dir,
+        args.devices(),
+        args.reports_per_device(),
+        args.concurrency,
+    )
+    .await?;
+    let results = report::Results::new(&args, raw, e2e);
+    results.print();
+    let written = results.write(&args.out)?;
+    println!("results written to {}", written.display());
+    drop(postgres);
+    drop(nats);
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The results table, and the same as JSON and Markdown in the results directory.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::Args;
+use crate::e2e;
+use crate::raw::Limits;
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub machine: String,
+    pub quick: bool,
+    pub raw: Limits,
+    pub e2e: e2e::Results,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!(
+        "{cores} cores ({cpu}), {memory:.0} GiB; NATS, PostgreSQL and all services on the same machine"
+    )
+}
+
+impl Results {
+    /// Collects a run's results.
+    pub fn new(args: &Args, raw: Limits, e2e: e2e::Results) -> Self {
+        Self {
+            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            machine: machine(),
+            quick: args.quick,
+            raw,
+            e2e,
+        }
+    }
+
+    /// The Markdown report.
+    pub fn markdown(&self) -> String {
+        let r = &self.raw;
+        let e = &self.e2e;
+        let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# devsync benchmark, {}\n\n{}\n",
+            self.date, self.machine
+        );
+        let _ = writeln!(out, "## Raw limits (same run)\n");
+        let _ = writeln!(out, "| measurement | per second |\n|---|---:|");
+        let _ = writeln!(
+            out,
+            "| JetStream async publish, 300 B | {:.0} |",
+            r.jetstream_publish
+        );
+        let _ = writeln!(
+            out,
+            "| JetStream pull consume + ack, 300 B | {:.0} |",
+            r.jetstream_consume
+        );
+        let _ = writeln!(out, "| core NATS publish, 300 B | {:.0} |", r.core_publish);
+        let _ = writeln!(
+            out,
+            "| PostgreSQL upsert, UNNEST batches of 500 | {:.0} rows |",
+            r.postgres_upsert_rows
+        );
+        let _ = writeln!(out, "\n## Scenario a: device reports end to end\n");
+        let _ = writeln!(
+            out,
+            "{} reports from {} devices (requestor and reconciler as separate processes).\n",
+            e.reports, e.devices
+        );
+        let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
+        let _ = writeln!(
+            out,
+            "| reports applied in PostgreSQL | {:.0}/s | {:.1}% of JetStream publish, {:.1}% of PostgreSQL upsert |",
+            e.applied_per_second,
+            100.0 * e.applied_per_second / r.jetstream_publish,
+            100.0 * e.applied_per_second / r.postgres_upsert_rows
+        );
+        let _ = writeln!(
+            out,
+            "| reports accepted (durable) | {:.0}/s | {:.1}% of JetStream publish |",
+            e.ingest_per_second,
+            100.0 * e.ingest_per_second / r.jetstream_publish
+        );
+        let _ = writeln!(
+            out,
+            "| ingress answer latency p50 / p99 / p99.9 | {:.1} / {:.1} / {:.1} ms | |",
+            e.ingress_p50_ms, e.ingress_p99_ms, e.ingress_p999_ms
+        );
+        let _ = writeln!(
+            out,
+            "| report to database p50 / p99 (bucket bound) | {} / {} ms | |",
+            ms(e.report_to_db_p50_ms),
+            ms(e.report_to_db_p99_ms)
+        );
+        let _ = writeln!(out, "| device-side retries | {} | |", e.errors);
+        let _ = writeln!(out, "\n| service | peak RSS | CPU |\n|---|---:|---:|");
+        for s in &e.services {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} MiB | {:.1} s |",
+                s.name, s.peak_rss_mib, s.cpu_seconds
+            );
+        }
+        out
+    }
+
+    /// Prints the report.
+    pub fn print(&self) {
+        println!("\n{}", self.markdown());
+    }
+
+    /// Writes `<out>/<stamp>.json` and `.md`; returns the Markdown path.
+    pub fn write(&self, out: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(out)?;
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        std::fs::write(
+            out.join(format!("{stamp}.json")),
+            serde_json::to_vec_pretty(self)?,
+        )?;
+        let md = out.join(format!("{stamp}.md"));
+        std::fs::write(&md, self.markdown())?;
+        Ok(md)
+    }
+}
