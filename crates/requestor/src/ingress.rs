@@ -244,7 +244,7 @@ impl Ingress {
                     };
                     self.reply(&message, STATUS_OK, payload.into()).await;
                 }
-                Err(refusal) => self.refuse(&message, device, refusal).await,
+                Err(refusal) => Box::pin(self.refuse(&message, device, refusal)).await,
             }
         }
         .instrument(span)
@@ -300,7 +300,9 @@ impl Ingress {
                 )
             });
         }
-        match self.registry.lookup(&device).await {
+        // Rare or large futures are boxed: every message in flight holds one task, and an
+        // unboxed task is as large as its largest await point.
+        match Box::pin(self.registry.lookup(&device)).await {
             Ok(Registration::Enabled) => {}
             Ok(Registration::Disabled) => {
                 return Err(Refusal::new(
@@ -329,7 +331,7 @@ impl Ingress {
                     .map_err(|e| Refusal::new(Code::Invalid, format!("reported: {e}")))?;
                 if bytes.len() > self.settings.claim_check_threshold {
                     report.reported = Some(
-                        blobs::store(&self.js, bytes)
+                        Box::pin(blobs::store(&self.js, bytes))
                             .await
                             .map_err(|e| unavailable(format!("claim check: {e}")))?,
                     );
@@ -378,7 +380,7 @@ impl Ingress {
                 check_identity(&device, &request.device_id)?;
                 self.checkins.seen(&device, received_at);
                 let started = Instant::now();
-                let reply = refresh::answer(&self.pool, &device, request.since_version)
+                let reply = Box::pin(refresh::answer(&self.pool, &device, request.since_version))
                     .await
                     .map_err(|e| unavailable(format!("refresh: {e}")))?;
                 self.metrics
