@@ -10,6 +10,8 @@
 //! Migrations run under a PostgreSQL advisory lock, so replicas starting together apply them
 //! once.
 
+pub mod audit;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
