@@ -30,6 +30,9 @@ pub enum Command {
     Bootstrap,
     /// Show streams and consumers with their pending and ack-pending counts.
     Status(StatusArgs),
+    /// Search the audit trail (what happened to a device, and which worker did it), follow it
+    /// live, or verify that nothing in it was altered.
+    Audit(AuditArgs),
     /// Start the whole system locally: NATS (JetStream) and PostgreSQL in ./.devsync, migrated
     /// and bootstrapped, the devsync services and a simulated fleet, with a live status line,
     /// until Ctrl-C. Uses NATS_URL / DATABASE_URL instead of starting its own when they are set.
@@ -64,4 +67,55 @@ pub struct UpArgs {
     /// Seconds a simulated device sleeps between wake cycles.
     #[arg(long, default_value_t = 10)]
     pub device_sleep: u64,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: Option<AuditCommand>,
+    /// Events of this device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Events of this worker (`<service>/<instance>`).
+    #[arg(long)]
+    pub worker: Option<String>,
+    /// Events of this request id (the whole chain of one device message).
+    #[arg(long)]
+    pub request: Option<String>,
+    /// Events of this trace id.
+    #[arg(long)]
+    pub trace: Option<String>,
+    /// Events of this stage (ingress, reconcile, refresh, ...).
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Events with this outcome (ok, rejected, retry, failed, skipped).
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// From: an RFC 3339 time or a duration ago (1h, 7d). Default: 24h.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until (exclusive): an RFC 3339 time or a duration ago.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Most events to show.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep running and print new events as they are stored.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the hash chain and report any day whose events were altered, removed or
+    /// added by hand. Exits non-zero when something does not verify.
+    Verify {
+        /// Only this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        day: Option<chrono::NaiveDate>,
+    },
 }

@@ -81,3 +81,71 @@ async fn a_bad_setting_exits_64_with_one_line() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn audit_search_and_verify() {
+    use devsync_types::{AuditOutcome, AuditRecord, DeviceId, RequestId};
+    let nats = TestNats::start();
+    let db = TestDb::create().await;
+    let now = chrono::Utc::now();
+    let records: Vec<AuditRecord> = (0..5)
+        .map(|i| AuditRecord {
+            event_id: format!("e{i}"),
+            at: now - chrono::Duration::minutes(5 - i),
+            device_id: Some(DeviceId::parse(if i % 2 == 0 { "even" } else { "odd" }).unwrap()),
+            worker_id: "reconciler/r1".parse().unwrap(),
+            request_id: Some(RequestId::parse(format!("req-{i}")).unwrap()),
+            stage: "reconcile".into(),
+            action: "report.applied".into(),
+            outcome: AuditOutcome::Ok,
+            details: serde_json::json!({"i": i}),
+            trace_id: None,
+        })
+        .collect();
+    devsync_store::audit::insert(&mut db.pool.get().await.unwrap(), &records)
+        .await
+        .unwrap();
+
+    let out = stdout(&ctl(
+        &nats,
+        &db,
+        &["audit", "--device", "even", "--since", "1h", "--json"],
+    ));
+    let requests: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(requests, vec!["req-0", "req-2", "req-4"]);
+    let table = stdout(&ctl(&nats, &db, &["audit", "--worker", "reconciler/r1"]));
+    assert!(
+        table.contains("report.applied") && table.contains("odd"),
+        "{table}"
+    );
+
+    let bad = ctl(&nats, &db, &["audit", "--device", "no.dots"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("parameter device"));
+
+    let out = stdout(&ctl(&nats, &db, &["audit", "verify"]));
+    assert!(out.contains("audit trail verified: 1 day(s)"), "{out}");
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM audit_events WHERE event_id = 'e3';
+             SET session_replication_role = origin;",
+        )
+        .await
+        .unwrap();
+    let tampered = ctl(&nats, &db, &["audit", "verify"]);
+    assert!(!tampered.status.success());
+    let text = String::from_utf8_lossy(&tampered.stdout);
+    assert!(text.contains("altered or removed"), "{text}");
+}

@@ -1,5 +1,6 @@
 //! One module per `devsyncctl` command.
 
+pub mod audit;
 pub mod bootstrap;
 pub mod migrate;
 pub mod status;

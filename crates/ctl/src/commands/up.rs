@@ -158,6 +158,7 @@ pub async fn run(
 struct Services {
     requestor: devsync_requestor::Running,
     reconciler: devsync_reconciler::Running,
+    audit: devsync_audit::Running,
     fleet: Option<devsync_sim::Fleet>,
     token: devsync_runtime::Shutdown,
 }
@@ -192,9 +193,18 @@ impl Services {
         )
         .await
         .context("start reconciler")?;
+        let audit = devsync_audit::start(
+            devsync_audit::Settings {
+                common: local("audit-local"),
+                audit: Default::default(),
+            },
+            token.clone(),
+        )
+        .await
+        .context("start audit")?;
         println!(
-            "services:  requestor http://{}/metrics, reconciler http://{}/metrics",
-            requestor.http_addr, reconciler.http_addr
+            "services:  requestor http://{}/metrics, reconciler http://{}/metrics, audit http://{}/v1/audit",
+            requestor.http_addr, reconciler.http_addr, audit.http_addr
         );
         let fleet = if args.devices > 0 {
             devsync_sim::register(settings.database.url.expose(), args.devices).await?;
@@ -219,6 +229,7 @@ impl Services {
         Ok(Self {
             requestor,
             reconciler,
+            audit,
             fleet,
             token,
         })
@@ -291,5 +302,6 @@ impl Services {
         self.token.cancel();
         let _ = self.requestor.wait().await;
         let _ = self.reconciler.wait().await;
+        let _ = self.audit.wait().await;
     }
 }
