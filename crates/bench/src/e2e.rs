@@ -1,6 +1,6 @@
 //! Scenario (a): device reports end to end. Devices (simulated with request/reply, as the
 //! device client does it) send reports through the requestor and reconciler, run as separate
-//! processes, into PostgreSQL. Each device sends its reports one at a time, as the protocol
+//! processes, into PostgreSQL, while the audit service stores every resulting audit event. Each device sends its reports one at a time, as the protocol
 //! asks; `concurrency` devices are active at once.
 
 use std::path::Path;
@@ -35,7 +35,77 @@ pub struct Results {
     pub report_to_db_p50_ms: Option<f64>,
     pub report_to_db_p99_ms: Option<f64>,
     pub errors: u64,
+    /// Refreshes at 1,000/s while the report load runs at full speed.
+    pub refresh_under_load: Option<RefreshFigures>,
+    /// Refreshes at 1,000/s once the load is over.
+    pub refresh_idle: Option<RefreshFigures>,
     pub services: Vec<ProcStats>,
+}
+
+/// Latency of refreshes sent at a fixed rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefreshFigures {
+    pub sent: u64,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// Sends refreshes from random devices at `rate` per second for `duration`.
+async fn refreshes(
+    client: async_nats::Client,
+    devices: usize,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<RefreshFigures> {
+    use devsync_proto::v1::RefreshRequest;
+    let total = rate * duration.as_secs();
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for i in 0..total {
+        ticker.tick().await;
+        let client = client.clone();
+        let device = devsync_sim::device_id((i as usize * 7919) % devices);
+        tasks.spawn(async move {
+            let request = RefreshRequest {
+                device_id: String::new(),
+                since_version: i % 3,
+                sequence: i + 1,
+            };
+            let sent = Instant::now();
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(
+                    subjects::ingress(&device, MessageKind::Refresh),
+                    request.encode_to_vec().into(),
+                ),
+            )
+            .await;
+            let ok = matches!(&reply, Ok(Ok(m)) if m.headers.as_ref()
+                .and_then(|h| h.get(subjects::STATUS_HEADER))
+                .is_some_and(|v| v.as_str() == subjects::STATUS_OK));
+            (ok, sent.elapsed())
+        });
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (ok, elapsed) = done?;
+        if ok {
+            latency.record(elapsed.as_micros() as u64)?;
+        } else {
+            errors += 1;
+        }
+    }
+    Ok(RefreshFigures {
+        sent: total,
+        per_second: total as f64 / started.elapsed().as_secs_f64(),
+        p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
+        errors,
+    })
 }
 
 fn report_payload(device: &str, sequence: u64) -> Bytes {
@@ -80,13 +150,33 @@ pub async fn run(
     ];
     let mut requestor = ServiceProcess::spawn("devsync-requestor", &env, dir)?;
     let mut reconciler = ServiceProcess::spawn("devsync-reconciler", &env, dir)?;
+    let mut audit = ServiceProcess::spawn("devsync-audit", &env, dir)?;
     requestor.wait_ready(Duration::from_secs(60)).await?;
     reconciler.wait_ready(Duration::from_secs(60)).await?;
+    audit.wait_ready(Duration::from_secs(60)).await?;
     // Let the reconciler take its partitions.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // Some devices have desired state, so refreshes return deltas and full documents.
+    let (setup, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    tokio::spawn(connection);
+    setup
+        .batch_execute(
+            "UPDATE devices SET desired = '{\"mode\": \"eco\", \"interval_s\": 60}' WHERE id < 'sim-005000';
+             UPDATE devices SET desired = desired || '{\"mode\": \"normal\"}' WHERE id < 'sim-002000';
+             DELETE FROM desired_changes;",
+        )
+        .await?;
     let total = devices as u64 * per_device;
     println!("scenario a: {total} reports from {devices} devices, {concurrency} devices at once");
+    let refresh_client = async_nats::connect(nats_url).await?;
+    let refresh_load = tokio::spawn({
+        let client = refresh_client.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            refreshes(client, devices, 1000, Duration::from_secs(10)).await
+        }
+    });
     let mut clients = Vec::new();
     for _ in 0..16 {
         clients.push(async_nats::connect(nats_url).await?);
@@ -162,6 +252,10 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let applied_seconds = started.elapsed().as_secs_f64();
+    let refresh_under_load = refresh_load.await?.ok();
+    let refresh_idle = refreshes(refresh_client, devices, 1000, Duration::from_secs(10))
+        .await
+        .ok();
     let metrics = reconciler.metrics().await.context("reconciler metrics")?;
     let to_db = |q| {
         procs::histogram_quantile(&metrics, "devsync_report_to_db_seconds", q)
@@ -178,7 +272,9 @@ pub async fn run(
         report_to_db_p50_ms: to_db(0.5),
         report_to_db_p99_ms: to_db(0.99),
         errors: errors.load(Ordering::Relaxed),
-        services: vec![requestor.stop(), reconciler.stop()],
+        refresh_under_load,
+        refresh_idle,
+        services: vec![requestor.stop(), reconciler.stop(), audit.stop()],
     };
     Ok(results)
 }

@@ -4,14 +4,17 @@
 //!    core NATS publish, batched PostgreSQL upsert;
 //! 2. the end-to-end scenario ([`e2e`]): device reports from many devices through the
 //!    requestor and reconciler (run as separate processes, as deployed) into PostgreSQL, with
-//!    the ingress answer latency, the report-to-database latency, and each service's peak RSS
-//!    and CPU;
+//!    the ingress answer latency, the report-to-database latency, refreshes at 1,000/s during
+//!    and after the load, and each service's peak RSS and CPU;
+//! 3. the audit store ([`audit`]): ingest rate through the audit service, and search latency by
+//!    device over a large stored history;
 //!
 //! then prints one table where every throughput is also given as a ratio of the raw limits
 //! measured in the same run, so a figure from a noisy machine is still honest, and writes the
 //! same as JSON and Markdown into the results directory. Sizes are flags; `--quick` finishes in
 //! about a minute. Nothing here asserts timings: benchmarks report, tests check behaviour.
 
+pub mod audit;
 pub mod e2e;
 pub mod procs;
 pub mod raw;
@@ -39,6 +42,15 @@ pub struct Args {
     /// Device requests in flight at once.
     #[arg(long, default_value_t = 2000)]
     pub concurrency: usize,
+    /// Audit events ingested through the audit service.
+    #[arg(long)]
+    pub audit_events: Option<u64>,
+    /// Audit events stored before measuring search latency.
+    #[arg(long)]
+    pub audit_history: Option<u64>,
+    /// Skip the audit scenario.
+    #[arg(long)]
+    pub skip_audit: bool,
     /// Messages for the raw JetStream measurements.
     #[arg(long)]
     pub raw_messages: Option<usize>,
@@ -97,7 +109,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.concurrency,
     )
     .await?;
-    let results = report::Results::new(&args, raw, e2e);
+    let audit = if args.skip_audit {
+        None
+    } else {
+        let ingest = args
+            .audit_events
+            .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+        let history = args
+            .audit_history
+            .unwrap_or(if args.quick { 1_000_000 } else { 10_000_000 });
+        Some(audit::run(nats.url(), &database_url, &dir, ingest, history).await?)
+    };
+    let results = report::Results::new(&args, raw, e2e, audit);
     results.print();
     let written = results.write(&args.out)?;
     println!("results written to {}", written.display());

@@ -17,6 +17,7 @@ pub struct Results {
     pub quick: bool,
     pub raw: Limits,
     pub e2e: e2e::Results,
+    pub audit: Option<crate::audit::Results>,
 }
 
 fn machine() -> String {
@@ -46,8 +47,14 @@ fn machine() -> String {
 
 impl Results {
     /// Collects a run's results.
-    pub fn new(args: &Args, raw: Limits, e2e: e2e::Results) -> Self {
+    pub fn new(
+        args: &Args,
+        raw: Limits,
+        e2e: e2e::Results,
+        audit: Option<crate::audit::Results>,
+    ) -> Self {
         Self {
+            audit,
             date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
             machine: machine(),
             quick: args.quick,
@@ -88,7 +95,7 @@ impl Results {
         let _ = writeln!(out, "\n## Scenario a: device reports end to end\n");
         let _ = writeln!(
             out,
-            "{} reports from {} devices (requestor and reconciler as separate processes).\n",
+            "{} reports from {} devices (requestor, reconciler and audit as separate processes).\n",
             e.reports, e.devices
         );
         let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
@@ -117,6 +124,18 @@ impl Results {
             ms(e.report_to_db_p99_ms)
         );
         let _ = writeln!(out, "| device-side retries | {} | |", e.errors);
+        for (label, figures) in [
+            ("refresh at 1,000/s during the report load", &e.refresh_under_load),
+            ("refresh at 1,000/s after it", &e.refresh_idle),
+        ] {
+            if let Some(f) = figures {
+                let _ = writeln!(
+                    out,
+                    "| {label}: p50 / p99 | {:.1} / {:.1} ms ({:.0}/s sent, {} errors) | |",
+                    f.p50_ms, f.p99_ms, f.per_second, f.errors
+                );
+            }
+        }
         let _ = writeln!(out, "\n| service | peak RSS | CPU |\n|---|---:|---:|");
         for s in &e.services {
             let _ = writeln!(

@@ -10,6 +10,18 @@ use deadpool_postgres::Pool;
 use devsync_runtime::Shutdown;
 use devsync_types::DeviceId;
 
+/// Rows are locked in id order and rows a reconciler holds are skipped (it sets `last_seen`
+/// itself when it applies the device's work), so a flush never deadlocks with a batch.
+const CHECKINS: &str = "WITH seen AS (
+        SELECT u.id, u.seen FROM unnest($1::text[], $2::timestamptz[]) AS u(id, seen)
+    ), locked AS (
+        SELECT d.id FROM devices d JOIN seen ON seen.id = d.id
+        ORDER BY d.id FOR UPDATE OF d SKIP LOCKED
+    )
+    UPDATE devices d SET last_seen = greatest(d.last_seen, seen.seen)
+    FROM seen JOIN locked ON locked.id = seen.id
+    WHERE d.id = seen.id";
+
 /// Pending last-seen times, flushed periodically.
 #[derive(Clone)]
 pub struct Checkins {
@@ -66,12 +78,7 @@ impl Checkins {
         let result = async {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
             client
-                .execute(
-                    "UPDATE devices d SET last_seen = greatest(d.last_seen, u.seen)
-                     FROM unnest($1::text[], $2::timestamptz[]) AS u(id, seen)
-                     WHERE d.id = u.id",
-                    &[&ids, &times],
-                )
+                .execute(CHECKINS, &[&ids, &times])
                 .await
                 .map_err(|e| e.to_string())
         }
