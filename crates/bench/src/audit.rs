@@ -146,7 +146,10 @@ pub async fn run(
     let store_client = pool.get().await?;
     for i in 0..searches {
         let query = devsync_store::audit::Query {
-            device: Some(DeviceId::parse(format!("audit-{:06}", (i * 7919) % 10_000))?),
+            device: Some(DeviceId::parse(format!(
+                "audit-{:06}",
+                (i * 7919) % 10_000
+            ))?),
             since: Some(now - chrono::Duration::days(7)),
             limit: 100,
             ..Default::default()

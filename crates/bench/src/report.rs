@@ -125,7 +125,10 @@ impl Results {
         );
         let _ = writeln!(out, "| device-side retries | {} | |", e.errors);
         for (label, figures) in [
-            ("refresh at 1,000/s during the report load", &e.refresh_under_load),
+            (
+                "refresh at 1,000/s during the report load",
+                &e.refresh_under_load,
+            ),
             ("refresh at 1,000/s after it", &e.refresh_idle),
         ] {
             if let Some(f) = figures {
@@ -142,6 +145,27 @@ impl Results {
                 out,
                 "| {} | {:.1} MiB | {:.1} s |",
                 s.name, s.peak_rss_mib, s.cpu_seconds
+            );
+        }
+        if let Some(a) = &self.audit {
+            let _ = writeln!(out, "\n## Audit store\n");
+            let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
+            let _ = writeln!(
+                out,
+                "| ingest through the audit service ({} events) | {:.0} events/s | {:.1}% of PostgreSQL upsert |",
+                a.ingested_events,
+                a.ingest_per_second,
+                100.0 * a.ingest_per_second / r.postgres_upsert_rows
+            );
+            let _ = writeln!(
+                out,
+                "| search by device (last 7 days, up to 100 events) over {} stored events: p50 / p99 | {:.1} / {:.1} ms | |",
+                a.stored_events, a.search_p50_ms, a.search_p99_ms
+            );
+            let _ = writeln!(
+                out,
+                "| devsync-audit during ingest | {:.1} MiB peak RSS, {:.1} s CPU | |",
+                a.service.peak_rss_mib, a.service.cpu_seconds
             );
         }
         out

@@ -751,19 +751,11 @@ impl Outputs {
     }
 }
 
-/// The database's own message, which `tokio_postgres::Error`'s Display leaves out.
-fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => error.to_string(),
-    }
-}
-
 /// Why a batch transaction failed (always retried).
 #[derive(Debug, thiserror::Error)]
 enum TxError {
     #[error("connection pool: {0}")]
     Pool(String),
-    #[error("{}", describe(.0))]
+    #[error("{}", devsync_store::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }

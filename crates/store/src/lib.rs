@@ -31,10 +31,18 @@ pub enum StoreError {
     Connect(tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] refinery::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error("connection pool: {0}")]
     Pool(String),
+}
+
+/// The database's own message and SQLSTATE, which `tokio_postgres::Error`'s Display leaves out.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 /// A migration that was applied.
