@@ -33,6 +33,9 @@ pub enum Command {
     /// Search the audit trail (what happened to a device, and which worker did it), follow it
     /// live, or verify that nothing in it was altered.
     Audit(AuditArgs),
+    /// Check an installation end to end with a throwaway device: register it, report, refresh,
+    /// acknowledge, and find its actions in the audit trail; then remove it. Used by `helm test`.
+    Smoke(SmokeArgs),
     /// Start the whole system locally: NATS (JetStream) and PostgreSQL in ./.devsync, migrated
     /// and bootstrapped, the devsync services and a simulated fleet, with a live status line,
     /// until Ctrl-C. Uses NATS_URL / DATABASE_URL instead of starting its own when they are set.
@@ -118,4 +121,11 @@ pub enum AuditCommand {
         #[arg(long)]
         day: Option<chrono::NaiveDate>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SmokeArgs {
+    /// How long the whole round trip may take.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }

@@ -149,3 +149,71 @@ async fn audit_search_and_verify() {
     let text = String::from_utf8_lossy(&tampered.stdout);
     assert!(text.contains("altered or removed"), "{text}");
 }
+
+#[tokio::test]
+async fn smoke_round_trip_through_the_running_services() {
+    use devsync_runtime::config::{CommonSettings, Secret};
+    let nats = TestNats::start();
+    let db = TestDb::create().await;
+    let common = |name: &str| {
+        let mut c = CommonSettings {
+            instance: Some(name.to_owned()),
+            ..CommonSettings::default()
+        };
+        c.nats.url = nats.url();
+        c.database.url = Secret::new(db.url.clone());
+        c.database.pool_size = 4;
+        c.http.listen = "127.0.0.1:0".parse().unwrap();
+        c.topology.partitions = devsync_types::PartitionCount::new(4).unwrap();
+        c
+    };
+    let shutdown = devsync_runtime::Shutdown::new();
+    let requestor = devsync_requestor::start(
+        devsync_requestor::Settings {
+            common: common("req"),
+            requestor: Default::default(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let reconciler = devsync_reconciler::start(
+        devsync_reconciler::Settings {
+            common: common("rec"),
+            reconciler: Default::default(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let audit = devsync_audit::start(
+        devsync_audit::Settings {
+            common: common("aud"),
+            audit: Default::default(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let output = tokio::task::spawn_blocking({
+        let (url, db_url) = (nats.url(), db.url.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_devsyncctl"))
+                .args(["smoke", "--timeout", "30s"])
+                .env("DEVSYNC_NATS__URL", url)
+                .env("DEVSYNC_DATABASE__URL", db_url)
+                .env("DEVSYNC_TOPOLOGY__PARTITIONS", "4")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let out = stdout(&output);
+    assert!(out.contains("smoke test passed"), "{out}");
+    assert!(out.contains("actions found in the audit trail"), "{out}");
+    shutdown.cancel();
+    requestor.wait().await.unwrap();
+    reconciler.wait().await.unwrap();
+    audit.wait().await.unwrap();
+}

@@ -14,6 +14,19 @@ use devsync_testkit::wait_for;
 use devsync_types::names;
 use serde_json::json;
 
+async fn outbox_rows(stack: &Stack) -> i64 {
+    stack
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn a_crash_between_commit_and_ack_loses_and_duplicates_nothing() {
     let stack = Stack::start().await;
@@ -58,17 +71,11 @@ async fn a_crash_between_commit_and_ack_loses_and_duplicates_nothing() {
     // Committed, but nothing published and nothing acked.
     let (reported, version, _, _) = stack.device_row("k1").await;
     assert_eq!((reported, version), (json!({"fw": "1"}), 1));
-    let outbox: i64 = stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(outbox, 1, "the outputs wait in the outbox");
+    assert_eq!(
+        outbox_rows(&stack).await,
+        1,
+        "the outputs wait in the outbox"
+    );
     assert_eq!(stack.stream_messages(names::STREAM_FANOUT).await, 0);
     assert_eq!(
         stack.stream_messages(names::STREAM_REQ).await,
@@ -82,17 +89,8 @@ async fn a_crash_between_commit_and_ack_loses_and_duplicates_nothing() {
         Duration::from_secs(30),
         "redelivery handled and outbox drained",
         || async {
-            let outbox: i64 = stack
-                .db
-                .pool
-                .get()
-                .await
-                .unwrap()
-                .query_one("SELECT count(*) FROM outbox", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (outbox == 0 && stack.stream_messages(names::STREAM_REQ).await == 0).then_some(())
+            (outbox_rows(&stack).await == 0 && stack.stream_messages(names::STREAM_REQ).await == 0)
+                .then_some(())
         },
     )
     .await;

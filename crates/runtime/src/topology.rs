@@ -415,17 +415,10 @@ impl Topology {
             return Ok(Action::Created);
         };
         let (fixable, fixed) = stream_diff(want, &have);
-        if !fixed.is_empty() {
-            let mut all = fixed;
-            all.extend(fixable);
-            return Ok(Action::Drifted(all));
-        }
-        if fixable.is_empty() {
-            return Ok(Action::Unchanged);
-        }
-        if !apply {
-            return Ok(Action::Drifted(fixable));
-        }
+        let fixable = match verdict(fixable, fixed, apply) {
+            Ok(action) => return Ok(action),
+            Err(fixable) => fixable,
+        };
         // Keep the server's values for settings we do not manage.
         let mut update = have;
         update.description = want.description.clone();
@@ -443,6 +436,28 @@ impl Topology {
         tracing::warn!(stream = %want.name, changes = %join(&fixable), "corrected drifted stream");
         Ok(Action::Updated(fixable))
     }
+}
+
+/// What to do with an existing asset, from its differences: `Ok(action)` when nothing is to be
+/// changed (unchanged, drifted beyond repair, or verify only), `Err(fixable)` when the fixable
+/// differences should be applied.
+fn verdict(
+    fixable: Vec<Difference>,
+    fixed: Vec<Difference>,
+    apply: bool,
+) -> Result<Action, Vec<Difference>> {
+    if !fixed.is_empty() {
+        let mut all = fixed;
+        all.extend(fixable);
+        return Ok(Action::Drifted(all));
+    }
+    if fixable.is_empty() {
+        return Ok(Action::Unchanged);
+    }
+    if !apply {
+        return Ok(Action::Drifted(fixable));
+    }
+    Err(fixable)
 }
 
 /// A KV bucket or object store can only be reported, never silently re-created.
@@ -645,6 +660,16 @@ fn consumer_diff(
     (fixable, fixed)
 }
 
+fn consumer_missing(error: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
+    match error.kind() {
+        ConsumerInfoErrorKind::NotFound => true,
+        ConsumerInfoErrorKind::JetStream(inner) => {
+            inner.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+        }
+        _ => false,
+    }
+}
+
 async fn sync_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -660,7 +685,7 @@ async fn sync_consumer(
     };
     let have = match info {
         Ok(info) => info.config,
-        Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => {
+        Err(e) if consumer_missing(&e) => {
             if !apply {
                 return Ok(Action::Missing);
             }
@@ -669,33 +694,13 @@ async fn sync_consumer(
                 .map_err(|e| err(&e))?;
             return Ok(Action::Created);
         }
-        Err(e) => match e.kind() {
-            ConsumerInfoErrorKind::JetStream(inner)
-                if inner.error_code() == ErrorCode::CONSUMER_NOT_FOUND =>
-            {
-                if !apply {
-                    return Ok(Action::Missing);
-                }
-                js.create_consumer_strict_on_stream(want.clone(), stream)
-                    .await
-                    .map_err(|e| err(&e))?;
-                return Ok(Action::Created);
-            }
-            _ => return Err(err(&e)),
-        },
+        Err(e) => return Err(err(&e)),
     };
     let (fixable, fixed) = consumer_diff(want, &have);
-    if !fixed.is_empty() {
-        let mut all = fixed;
-        all.extend(fixable);
-        return Ok(Action::Drifted(all));
-    }
-    if fixable.is_empty() {
-        return Ok(Action::Unchanged);
-    }
-    if !apply {
-        return Ok(Action::Drifted(fixable));
-    }
+    let fixable = match verdict(fixable, fixed, apply) {
+        Ok(action) => return Ok(action),
+        Err(fixable) => fixable,
+    };
     js.update_consumer_on_stream(want.clone(), stream)
         .await
         .map_err(|e| err(&e))?;
