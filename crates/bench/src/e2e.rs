@@ -37,6 +37,10 @@ pub struct Results {
     pub errors: u64,
     /// Refreshes at 1,000/s while the report load runs at full speed.
     pub refresh_under_load: Option<RefreshFigures>,
+    /// Refreshes at 1,000/s while reports are paced at half the measured peak (scenario c).
+    pub refresh_half_load: Option<RefreshFigures>,
+    /// The paced report load of scenario c: (reports/s, ingress p50 ms, ingress p99 ms).
+    pub half_load: Option<(f64, f64, f64)>,
     /// Refreshes at 1,000/s once the load is over.
     pub refresh_idle: Option<RefreshFigures>,
     pub services: Vec<ProcStats>,
@@ -50,6 +54,63 @@ pub struct RefreshFigures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+}
+
+/// Sends reports at `rate` per second for `duration` (sequences above `first_sequence`),
+/// returning (reports/s achieved, ingress p50 ms, ingress p99 ms).
+async fn paced_reports(
+    client: async_nats::Client,
+    devices: usize,
+    first_sequence: u64,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<(f64, f64, f64)> {
+    use governor::{Quota, RateLimiter};
+    let limiter = Arc::new(RateLimiter::direct(Quota::per_second(
+        std::num::NonZeroU32::new(rate.max(1)).expect("at least 1"),
+    )));
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let (client, limiter, next) = (client.clone(), limiter.clone(), next.clone());
+        workers.spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut sent = 0u64;
+            while started.elapsed() < duration {
+                limiter.until_ready().await;
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let device = devsync_sim::device_id(index % devices);
+                // Each device's sequence keeps growing: round r of device d is first + r + 1.
+                let sequence = first_sequence + (index / devices) as u64 + 1;
+                let body = report_payload(device.as_str(), sequence);
+                let at = Instant::now();
+                if let Ok(Ok(_)) = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.request(subjects::ingress(&device, MessageKind::Report), body),
+                )
+                .await
+                {
+                    let _ = histogram.record(at.elapsed().as_micros() as u64);
+                    sent += 1;
+                }
+            }
+            (histogram, sent)
+        });
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut sent = 0;
+    while let Some(done) = workers.join_next().await {
+        let (histogram, count) = done?;
+        latency.add(histogram)?;
+        sent += count;
+    }
+    Ok((
+        sent as f64 / started.elapsed().as_secs_f64(),
+        latency.value_at_quantile(0.5) as f64 / 1000.0,
+        latency.value_at_quantile(0.99) as f64 / 1000.0,
+    ))
 }
 
 /// Sends refreshes from random devices at `rate` per second for `duration`.
@@ -253,6 +314,23 @@ pub async fn run(
     }
     let applied_seconds = started.elapsed().as_secs_f64();
     let refresh_under_load = refresh_load.await?.ok();
+    // Scenario c: reports paced at half the measured peak, refreshes at 1,000/s alongside.
+    let half = (total as f64 / applied_seconds / 2.0) as u32;
+    println!("scenario c: reports paced at {half}/s with refreshes at 1,000/s");
+    let paced = paced_reports(
+        clients[0].clone(),
+        devices,
+        per_device,
+        half,
+        Duration::from_secs(20),
+    );
+    let refresh_half = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        refreshes(clients[1].clone(), devices, 1000, Duration::from_secs(10)).await
+    };
+    let (half_load, refresh_half_load) = tokio::join!(paced, refresh_half);
+    let half_load = half_load.ok();
+    let refresh_half_load = refresh_half_load.ok();
     let refresh_idle = refreshes(refresh_client, devices, 1000, Duration::from_secs(10))
         .await
         .ok();
@@ -273,6 +351,8 @@ pub async fn run(
         report_to_db_p99_ms: to_db(0.99),
         errors: errors.load(Ordering::Relaxed),
         refresh_under_load,
+        refresh_half_load,
+        half_load,
         refresh_idle,
         services: vec![requestor.stop(), reconciler.stop(), audit.stop()],
     };

@@ -48,6 +48,9 @@ use devsync_types::subjects::{STATUS_ERROR, STATUS_OK};
 
 /// The queue group every requestor replica joins.
 pub const QUEUE_GROUP: &str = "requestor";
+/// The queue group of the refresh path (its own connection and budget, so a waking device's
+/// refresh does not queue behind a flood of reports).
+pub const REFRESH_QUEUE_GROUP: &str = "requestor-refresh";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -123,6 +126,10 @@ enum Answer {
 /// The ingress handler shared by all message tasks.
 pub struct Ingress {
     client: async_nats::Client,
+    /// A separate connection for refreshes: its own socket, so refreshes and their answers do
+    /// not wait behind reports in one TCP stream.
+    refresh_client: async_nats::Client,
+    refresh_in_flight: Arc<Semaphore>,
     js: async_nats::jetstream::Context,
     pool: Pool,
     auditor: Auditor,
@@ -149,6 +156,7 @@ impl Ingress {
     /// An ingress handler for `service`.
     pub fn new(
         service: &Service,
+        refresh_client: async_nats::Client,
         settings: RequestorSettings,
         checkins: Checkins,
         metrics: Metrics,
@@ -157,6 +165,8 @@ impl Ingress {
             .allow_burst(non_zero(settings.burst_per_device));
         Self {
             client: service.client.clone(),
+            refresh_client,
+            refresh_in_flight: Arc::new(Semaphore::new((settings.max_in_flight / 8).max(64))),
             js: service.js.clone(),
             pool: service.pool.clone(),
             auditor: service.auditor.clone(),
@@ -174,38 +184,62 @@ impl Ingress {
         }
     }
 
-    /// Joins the queue group on every device subject.
-    pub async fn subscribe(&self) -> anyhow::Result<Subscriber> {
-        Ok(self
+    /// Joins the queue group on every device subject, and the refresh group on refreshes.
+    pub async fn subscribe(&self) -> anyhow::Result<(Subscriber, Subscriber)> {
+        let all = self
             .client
             .queue_subscribe(subjects::INGRESS_ALL, QUEUE_GROUP.into())
-            .await?)
+            .await?;
+        let refresh = self
+            .refresh_client
+            .queue_subscribe(
+                subjects::ingress_of_kind(MessageKind::Refresh),
+                REFRESH_QUEUE_GROUP.into(),
+            )
+            .await?;
+        Ok((all, refresh))
     }
 
     /// Handles messages until `shutdown`; then unsubscribes so the other replicas take over.
-    pub async fn serve(self: &Arc<Self>, mut subscription: Subscriber, shutdown: Shutdown) {
+    pub async fn serve(
+        self: &Arc<Self>,
+        (mut all, mut refreshes): (Subscriber, Subscriber),
+        shutdown: Shutdown,
+    ) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
         loop {
-            let message = tokio::select! {
+            let (message, refresh_path) = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
+                message = refreshes.next() => (message, true),
+                message = all.next() => (message, false),
                 _ = housekeeping.tick() => {
                     self.limiter.retain_recent();
                     self.refusal_audits.retain_recent();
                     continue;
                 }
-                message = subscription.next() => message,
             };
             let Some(message) = message else { break };
-            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            // Refreshes reach both groups; the refresh path answers them.
+            if !refresh_path && is_refresh(&message) {
+                continue;
+            }
+            let budget = if refresh_path {
+                &self.refresh_in_flight
+            } else {
+                &self.in_flight
+            };
+            let Ok(permit) = budget.clone().acquire_owned().await else {
                 break;
             };
             let ingress = Arc::clone(self);
             tokio::spawn(async move {
-                ingress.handle(message).await;
+                ingress.handle(message, refresh_path).await;
                 drop(permit);
             });
         }
-        let _ = subscription.unsubscribe().await;
+        let _ = all.unsubscribe().await;
+        let _ = refreshes.unsubscribe().await;
     }
 
     /// Waits until messages in flight are answered, at most `timeout`.
@@ -217,7 +251,7 @@ impl Ingress {
         }
     }
 
-    async fn handle(&self, message: Message) {
+    async fn handle(&self, message: Message, refresh_path: bool) {
         let received_at = Utc::now();
         let span = tracing::info_span!("ingress", subject = %message.subject);
         telemetry::extract_into(&span, message.headers.as_ref());
@@ -242,21 +276,34 @@ impl Ingress {
                         Answer::Accepted(accepted) => accepted.encode_to_vec(),
                         Answer::Refresh(reply) => reply.encode_to_vec(),
                     };
-                    self.reply(&message, STATUS_OK, payload.into()).await;
+                    self.reply(&message, refresh_path, STATUS_OK, payload.into())
+                        .await;
                 }
-                Err(refusal) => Box::pin(self.refuse(&message, device, refusal)).await,
+                Err(refusal) => {
+                    Box::pin(self.refuse(&message, refresh_path, device, refusal)).await
+                }
             }
         }
         .instrument(span)
         .await
     }
 
-    async fn reply(&self, message: &Message, status: &'static str, payload: Bytes) {
+    async fn reply(
+        &self,
+        message: &Message,
+        refresh_path: bool,
+        status: &'static str,
+        payload: Bytes,
+    ) {
         let Some(reply) = &message.reply else { return };
         let mut headers = HeaderMap::new();
         headers.insert(subjects::STATUS_HEADER, status);
-        if let Err(error) = self
-            .client
+        let client = if refresh_path {
+            &self.refresh_client
+        } else {
+            &self.client
+        };
+        if let Err(error) = client
             .publish_with_headers(reply.clone(), headers, payload)
             .await
         {
@@ -445,7 +492,13 @@ impl Ingress {
         });
     }
 
-    async fn refuse(&self, message: &Message, device: Option<DeviceId>, refusal: Refusal) {
+    async fn refuse(
+        &self,
+        message: &Message,
+        refresh_path: bool,
+        device: Option<DeviceId>,
+        refusal: Refusal,
+    ) {
         let code = refusal.code.as_str_name();
         self.metrics
             .refused
@@ -463,8 +516,13 @@ impl Ingress {
             message: refusal.message.clone(),
             retry_after_ms: refusal.retry_after.map_or(0, |d| d.as_millis() as u64),
         };
-        self.reply(message, STATUS_ERROR, reply.encode_to_vec().into())
-            .await;
+        self.reply(
+            message,
+            refresh_path,
+            STATUS_ERROR,
+            reply.encode_to_vec().into(),
+        )
+        .await;
         let audited = match (&device, refusal.code) {
             (Some(device), Code::RateLimited) => self.refusal_audits.check_key(device).is_ok(),
             _ => true,
@@ -501,6 +559,16 @@ impl Ingress {
             }
         }
     }
+}
+
+/// Whether `message` is a refresh (`devsync.in.<device>.refresh`).
+fn is_refresh(message: &Message) -> bool {
+    message
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .is_some_and(|kind| kind == MessageKind::Refresh.as_str())
 }
 
 fn unavailable(message: String) -> Refusal {

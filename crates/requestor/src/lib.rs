@@ -9,7 +9,9 @@
 //!   input a dead letter.
 //! - [`refresh`]: a waking device's "what changed since version N" is read-only, so it is
 //!   answered here at once from PostgreSQL (changes since N, the full document, or "up to
-//!   date") instead of queueing behind writes in the reconciler.
+//!   date") instead of queueing behind writes in the reconciler. Refreshes have their own
+//!   queue group, NATS connection and in-flight budget, so a flood of reports does not delay
+//!   them.
 //! - [`checkins`]: last-seen times, written in batches.
 //! - payloads over the threshold go to the object store (claim check, `devsync_runtime::blobs`).
 //!
@@ -162,8 +164,14 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         settings.requestor.checkin_flush,
         shutdown.clone(),
     );
+    let refresh_client = devsync_runtime::nats::connect(
+        &settings.common.nats,
+        &format!("{}-refresh", service.worker_id),
+    )
+    .await?;
     let ingress = Arc::new(ingress::Ingress::new(
         &service,
+        refresh_client,
         settings.requestor.clone(),
         checkins.clone(),
         ingress_metrics,

@@ -43,6 +43,11 @@ pub fn ingress(device: &DeviceId, kind: MessageKind) -> String {
     format!("devsync.in.{device}.{kind}")
 }
 
+/// Every device's messages of `kind` (`devsync.in.*.<kind>`).
+pub fn ingress_of_kind(kind: MessageKind) -> String {
+    format!("devsync.in.*.{kind}")
+}
+
 /// Everything `device` may publish (its NATS publish permission).
 pub fn ingress_of(device: &DeviceId) -> String {
     format!("devsync.in.{device}.>")
