@@ -38,13 +38,15 @@ async fn partitions_are_shared_moved_and_never_processed_twice() {
 
     // Load while sampling: no partition may be handled by both at the same moment.
     let devices: Vec<_> = futures::future::join_all(ids.iter().map(|id| stack.device(id))).await;
+    // Sample which partitions each replica is handling, every 2 ms while the load runs.
     let sampler = async {
         let mut overlaps = 0;
+        let mut every = tokio::time::interval(Duration::from_millis(2));
         for _ in 0..200 {
+            every.tick().await;
             if !a.running.active().is_disjoint(&b.running.active()) {
                 overlaps += 1;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         overlaps
     };

@@ -51,7 +51,7 @@ async fn second_declaration_changes_nothing_and_assets_match_the_design() {
     assert_eq!(transform.source, "devsync.req.*.*");
     assert_eq!(
         transform.destination,
-        "devsync.req.{{wildcard(1)}}.{{partition(8,2)}}.{{wildcard(2)}}"
+        subjects::request_transform_destination(PartitionCount::new(8).unwrap())
     );
 
     let fanout = js.get_stream(names::STREAM_FANOUT).await.unwrap();

@@ -53,8 +53,10 @@ BEGIN
 END $$;
 
 -- A role with exactly the audit service's rights: read and append, never update or delete.
--- Grant it to the audit service's login role. Skipped where this migration may not create
--- roles (managed databases): the append-only trigger protects the rows either way.
+-- Grant it to the audit service's login role. Roles are shared by every database of the
+-- server, so several databases migrating at once may race here; and a managed database may
+-- not allow creating roles. Either way the step is skipped with a notice: the append-only
+-- trigger protects the rows regardless.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'devsync_audit_writer') THEN
@@ -62,6 +64,6 @@ BEGIN
     END IF;
     GRANT SELECT, INSERT ON audit_events, audit_chain TO devsync_audit_writer;
     REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, audit_chain FROM devsync_audit_writer;
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'devsync_audit_writer role not created: %', SQLERRM;
+EXCEPTION WHEN OTHERS THEN
+    RAISE NOTICE 'devsync_audit_writer role not set up: %', SQLERRM;
 END $$;
