@@ -1,6 +1,5 @@
 //! `devsync-audit`: see the crate docs.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,13 +13,12 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "devsync-audit", version)]
 struct Args {
-    /// TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    service: devsync_runtime::service::ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    devsync_runtime::service::main("devsync-audit", args.config, devsync_audit::run).await
+    devsync_runtime::service::main("devsync-audit", args.service.config, devsync_audit::run).await
 }

@@ -1,6 +1,5 @@
 //! `devsync-reconciler`: see the crate docs.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,13 +13,17 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "devsync-reconciler", version)]
 struct Args {
-    /// TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    service: devsync_runtime::service::ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    devsync_runtime::service::main("devsync-reconciler", args.config, devsync_reconciler::run).await
+    devsync_runtime::service::main(
+        "devsync-reconciler",
+        args.service.config,
+        devsync_reconciler::run,
+    )
+    .await
 }

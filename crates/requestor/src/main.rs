@@ -1,6 +1,5 @@
 //! `devsync-requestor`: see the crate docs.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,13 +13,17 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "devsync-requestor", version)]
 struct Args {
-    /// TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    service: devsync_runtime::service::ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    devsync_runtime::service::main("devsync-requestor", args.config, devsync_requestor::run).await
+    devsync_runtime::service::main(
+        "devsync-requestor",
+        args.service.config,
+        devsync_requestor::run,
+    )
+    .await
 }

@@ -119,6 +119,15 @@ impl Service {
     }
 }
 
+/// The command-line arguments every service binary shares (flattened into its own `Args`,
+/// which carries the binary's `--help` text).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// TOML configuration file (overrides DEVSYNC_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
 /// Exit code for configuration errors (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 

@@ -10,9 +10,9 @@
 //! | `devsync.out.<device>.desired` | fan-out | the device |
 //! | `devsync.inbox.<device>.>` | services answering a device | the device (its own inbox prefix) |
 
+use crate::CampaignId;
 use crate::ids::{DeviceId, IdError, ServiceName};
 use crate::model::{Lane, MessageKind, Partition, PartitionCount};
-use crate::{CampaignId, names};
 
 /// Root of every devsync subject.
 pub const ROOT: &str = "devsync";
@@ -46,11 +46,6 @@ pub fn ingress(device: &DeviceId, kind: MessageKind) -> String {
 /// Every device's messages of `kind` (`devsync.in.*.<kind>`).
 pub fn ingress_of_kind(kind: MessageKind) -> String {
     format!("devsync.in.*.{kind}")
-}
-
-/// Everything `device` may publish (its NATS publish permission).
-pub fn ingress_of(device: &DeviceId) -> String {
-    format!("devsync.in.{device}.>")
 }
 
 /// Why an ingress subject could not be understood.
@@ -168,18 +163,10 @@ pub fn device_desired(device: &DeviceId) -> String {
     format!("devsync.out.{device}.desired")
 }
 
-/// Everything `device` may subscribe to besides its inbox (its NATS subscribe permission).
-pub fn device_out(device: &DeviceId) -> String {
-    format!("devsync.out.{device}.>")
-}
-
 /// The inbox prefix a device uses for request/reply, so no device can read another's replies.
 pub fn device_inbox_prefix(device: &DeviceId) -> String {
     format!("devsync.inbox.{device}")
 }
-
-/// The stream names are re-exported here for code that only deals with subjects.
-pub use names::ALL_STREAMS;
 
 #[cfg(test)]
 mod tests {
