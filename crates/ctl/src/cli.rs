@@ -33,6 +33,10 @@ pub enum Command {
     /// Search the audit trail (what happened to a device, and which worker did it), follow it
     /// live, or verify that nothing in it was altered.
     Audit(AuditArgs),
+    /// Register, list and inspect devices, change their labels, enable or disable them, and
+    /// replace or merge-patch their desired state (versioned and captured by the database like
+    /// any change, with 'devsyncctl' as its source).
+    Devices(DevicesArgs),
     /// Check an installation end to end with a throwaway device: register it, report, refresh,
     /// acknowledge, and find its actions in the audit trail; then remove it. Used by `helm test`.
     Smoke(SmokeArgs),
@@ -120,6 +124,90 @@ pub enum AuditCommand {
         /// Only this day (YYYY-MM-DD, UTC).
         #[arg(long)]
         day: Option<chrono::NaiveDate>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    #[command(subcommand)]
+    pub command: DevicesCommand,
+}
+
+/// Device ids are 1 to 128 of `A-Z a-z 0-9 _ -`. A JSON document is given inline or as
+/// `@FILE` (`@-`: standard input) and must be an object.
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Register a new device (fails if the id is taken).
+    Register {
+        /// The device id.
+        id: String,
+        /// A label, repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Webhook (http:// or https://) the fan-out calls with new desired state.
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// The initial desired state (a non-empty one starts at version 1).
+        #[arg(long, value_name = "JSON|@FILE")]
+        desired: Option<String>,
+        /// Register it disabled (its messages are refused until it is enabled).
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List devices by id, with their versions and whether they are in sync.
+    List {
+        /// Only devices with this label, repeatable (all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Most devices to show.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a device: desired and reported state, the delta (desired minus reported), versions,
+    /// last seen, endpoint, labels.
+    Show {
+        /// The device id.
+        id: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set labels (KEY=VALUE, merged into the existing ones) and remove labels (--remove KEY).
+    Label {
+        /// The device id.
+        id: String,
+        /// Labels to set.
+        #[arg(value_name = "KEY=VALUE", required_unless_present = "remove")]
+        set: Vec<String>,
+        /// A label to remove, repeatable.
+        #[arg(long, value_name = "KEY")]
+        remove: Vec<String>,
+    },
+    /// Disable a device: the requestor refuses its messages until it is enabled again (once
+    /// its cached registration expires: requestor.device_cache_ttl, 30s by default).
+    Disable {
+        /// The device id.
+        id: String,
+    },
+    /// Enable a disabled device.
+    Enable {
+        /// The device id.
+        id: String,
+    },
+    /// Replace the desired state of a device, or merge-patch it (RFC 7386: null removes a
+    /// field) with --merge. Prints the new desired version.
+    SetDesired {
+        /// The device id.
+        id: String,
+        /// The new desired state, or the merge patch with --merge.
+        #[arg(value_name = "JSON|@FILE")]
+        document: String,
+        /// Apply the document as an RFC 7386 merge patch instead of replacing.
+        #[arg(long)]
+        merge: bool,
     },
 }
 

@@ -4,6 +4,8 @@
 //! - `bootstrap`: declares the JetStream topology and prints what it created or found.
 //! - `status`: streams and consumers with pending and ack-pending counts.
 //! - `audit`: search (table, JSON, follow) and verify the audit trail.
+//! - `devices`: register, list, show (with the delta), label, enable / disable devices and
+//!   replace or merge-patch their desired state.
 //! - `smoke`: an end-to-end round trip with a throwaway device (`helm test`).
 //! - `up`: the local stack (NATS + PostgreSQL + topology) until Ctrl-C.
 //!
@@ -41,6 +43,7 @@ pub async fn main() -> ExitCode {
         Command::Bootstrap => commands::bootstrap::run(&settings).await,
         Command::Status(args) => commands::status::run(&settings, &args).await,
         Command::Audit(args) => commands::audit::run(&settings, args).await,
+        Command::Devices(args) => commands::devices::run(&settings, args).await,
         Command::Smoke(args) => commands::smoke::run(&settings, &args).await,
         Command::Up(args) => commands::up::run(settings, &sources, args).await,
     };

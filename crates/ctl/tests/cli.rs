@@ -38,7 +38,7 @@ async fn migrate_bootstrap_and_status() {
     assert!(out.starts_with("schema is current"), "{out}");
 
     let out = stdout(&ctl(&nats, &db, &["bootstrap"]));
-    let expected = 5 + 3 + 2 * 4 + 3 + 1;
+    let expected = 5 + 4 + 2 * 4 + 3 + 1;
     assert!(
         out.contains(&format!("topology: {expected} created, 0 unchanged")),
         "{out}"

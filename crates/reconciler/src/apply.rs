@@ -31,8 +31,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use devsync_proto::Message as _;
 use devsync_proto::v1::{
-    self as pb, DesiredPush, FanoutTask, OutboxBatch, Payload, SyncRequest, WorkflowStage, payload,
-    sync_request,
+    self as pb, DesiredPush, FanoutTask, Payload, SyncRequest, WorkflowStage, payload, sync_request,
 };
 use devsync_runtime::audit::Auditor;
 use devsync_runtime::publish::{self, Outgoing};
@@ -223,6 +222,7 @@ const UPDATE: &str = "UPDATE devices AS d SET
         applied_desired_version = u.applied,
         applied_at = CASE WHEN u.applied <> d.applied_desired_version THEN now() ELSE d.applied_at END,
         last_seen = now(),
+        active = true,
         updated_at = now()
     FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::int8[], $5::int8[])
         AS u(id, reported, reported_version, last_seq, applied)
@@ -240,9 +240,6 @@ const CONVERGED: &str = "UPDATE campaign_devices SET status = 'converged', updat
 
 const STAGE_ONCE: &str = "INSERT INTO processed_requests (device_id, request_id) VALUES ($1, $2)
     ON CONFLICT DO NOTHING";
-
-const OUTBOX: &str =
-    "INSERT INTO outbox (subject, msg_id, payload) VALUES ('batch', $1, $2) RETURNING id";
 
 /// Everything a committed batch must publish.
 struct Committed {
@@ -293,20 +290,11 @@ impl Shared {
             return outcomes;
         }
         if let Some(id) = committed.outbox_id
-            && let Err(error) = self.delete_outbox(id).await
+            && let Err(error) = devsync_runtime::outbox::delete(&self.pool, id).await
         {
             tracing::warn!(%error, outbox_id = id, "cannot delete published outbox row");
         }
         outcomes
-    }
-
-    async fn delete_outbox(&self, id: i64) -> Result<(), String> {
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
-        client
-            .execute("DELETE FROM outbox WHERE id = $1", &[&id])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
     }
 
     async fn decode(&self, index: usize, delivery: &Delivery) -> Result<Request, Decoded> {
@@ -625,15 +613,8 @@ impl Shared {
         let outbox_id = if messages.is_empty() {
             None
         } else {
-            let batch = OutboxBatch {
-                messages: messages.iter().map(Outgoing::to_outbox).collect(),
-            };
             let key = format!("batch:{}", requests[0].request_id);
-            let statement = tx.prepare_cached(OUTBOX).await?;
-            let row = tx
-                .query_one(&statement, &[&key, &batch.encode_to_vec()])
-                .await?;
-            Some(row.get::<_, i64>(0))
+            Some(devsync_runtime::outbox::insert(&tx, &key, &messages).await?)
         };
         tx.commit().await?;
         Ok(Committed {

@@ -7,7 +7,7 @@
 //!   one replica is active per partition even during a handover).
 //! - [`apply`]: one PostgreSQL transaction per batch, idempotent per device sequence, outputs
 //!   through the outbox, acked only after commit and publish.
-//! - [`outbox`]: publishes what a crash left in the outbox.
+//! - `devsync_runtime::outbox`: publishes what a crash left in the outbox.
 //!
 //! Lanes: `rt` and `bulk` have separate pools of transaction slots (`reconciler.bulk_share` of
 //! the connection pool for bulk, the rest for rt), so campaigns and sweeps cannot delay device
@@ -15,7 +15,6 @@
 
 pub mod apply;
 pub mod membership;
-pub mod outbox;
 pub mod owner;
 
 use std::collections::{BTreeSet, HashMap};
@@ -232,7 +231,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         metrics: worker_metrics,
         owned: owned.clone(),
     };
-    let sweeper = tokio::spawn(outbox::run(
+    let sweeper = tokio::spawn(devsync_runtime::outbox::run(
         service.js.clone(),
         service.pool.clone(),
         settings.reconciler.outbox_sweep_every,

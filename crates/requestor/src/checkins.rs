@@ -18,7 +18,7 @@ const CHECKINS: &str = "WITH seen AS (
         SELECT d.id FROM devices d JOIN seen ON seen.id = d.id
         ORDER BY d.id FOR UPDATE OF d SKIP LOCKED
     )
-    UPDATE devices d SET last_seen = greatest(d.last_seen, seen.seen)
+    UPDATE devices d SET last_seen = greatest(d.last_seen, seen.seen), active = true
     FROM seen JOIN locked ON locked.id = seen.id
     WHERE d.id = seen.id";
 

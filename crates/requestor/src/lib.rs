@@ -14,6 +14,11 @@
 //!   them.
 //! - [`checkins`]: last-seen times, written in batches.
 //! - payloads over the threshold go to the object store (claim check, `devsync_runtime::blobs`).
+//! - [`relay`]: administrators' desired-state edits (captured by a database trigger) relayed
+//!   in order to `DEVSYNC_REQ`, with a persisted cursor.
+//! - [`scheduler`]: on the one replica holding the scheduler lease, periodic sweeps (re-push to
+//!   drifting devices, expire stale campaigns, mark inactive devices) and the
+//!   [`campaigns`] driver (selector expansion, waves, rate, max in flight, abort criteria).
 //!
 //! Why a queue group and not the `DEVSYNC_IN` stream: the stream costs a JetStream write, a
 //! delivery and an ack per message before the message even reaches `DEVSYNC_REQ`, where it
@@ -24,10 +29,13 @@
 //! request/reply and retries. `DEVSYNC_IN` stays declared for deployments that prefer to
 //! capture device traffic in a stream.
 
+pub mod campaigns;
 pub mod checkins;
 pub mod ingress;
 pub mod refresh;
 pub mod registry;
+pub mod relay;
+pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +73,13 @@ pub struct RequestorSettings {
     /// How often check-in times are written.
     #[serde(with = "humantime_serde")]
     pub checkin_flush: Duration,
+    /// How often the desired-change relay looks for changes when no notification woke it.
+    #[serde(with = "humantime_serde")]
+    pub relay_poll: Duration,
+    /// Desired changes relayed per transaction.
+    pub relay_batch: usize,
+    /// Scheduled jobs and campaigns, run by the replica holding the scheduler lease.
+    pub scheduler: scheduler::SchedulerSettings,
 }
 
 impl Default for RequestorSettings {
@@ -78,6 +93,9 @@ impl Default for RequestorSettings {
             device_cache_capacity: 200_000,
             max_in_flight: 8192,
             checkin_flush: Duration::from_secs(1),
+            relay_poll: Duration::from_secs(1),
+            relay_batch: 1000,
+            scheduler: scheduler::SchedulerSettings::default(),
         }
     }
 }
@@ -114,6 +132,13 @@ impl SettingsTrait for Settings {
                 "rate and burst must be at least 1",
             ));
         }
+        if r.relay_batch == 0 {
+            return Err(ConfigError::invalid(
+                "requestor.relay_batch",
+                "must be at least 1",
+            ));
+        }
+        r.scheduler.validate()?;
         if r.max_in_flight == 0 {
             return Err(ConfigError::invalid(
                 "requestor.max_in_flight",
@@ -184,12 +209,52 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         worker_metrics,
         shutdown.clone(),
     ));
+    let relay = tokio::spawn(
+        relay::Relay::new(
+            service.js.clone(),
+            service.pool.clone(),
+            service.auditor.clone(),
+            settings.requestor.relay_batch,
+        )
+        .run(
+            settings.common.database.url.expose().to_owned(),
+            settings.requestor.relay_poll,
+            shutdown.clone(),
+        ),
+    );
+    let outbox = tokio::spawn(devsync_runtime::outbox::run(
+        service.js.clone(),
+        service.pool.clone(),
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    let members = service
+        .js
+        .get_key_value(names::KV_MEMBERS)
+        .await
+        .context("kv bucket devsync-members")?;
+    let lease = devsync_runtime::lease::Lease::spawn(
+        members,
+        names::LEASE_SCHEDULER,
+        service.worker_id.to_string(),
+        settings.common.topology.member_ttl,
+        shutdown.clone(),
+    );
+    let scheduler = tokio::spawn(
+        scheduler::Scheduler::new(&service, settings.requestor.scheduler.clone())
+            .run(lease.watch(), shutdown.clone()),
+    );
     let drain = settings.common.shutdown.drain_timeout;
     let task = tokio::spawn(async move {
         ingress.serve(subscription, shutdown.clone()).await;
         ingress.drain(drain).await;
         checkins.flush().await;
         let _ = sweeper.await;
+        let _ = relay.await;
+        let _ = outbox.await;
+        let _ = scheduler.await;
+        lease.wait().await;
         let _ = http.task.await;
         tracing::info!("requestor stopped");
         Ok(())

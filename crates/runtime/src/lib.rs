@@ -10,6 +10,9 @@
 //! - [`worker`]: the consumer loop every service uses (batched pull, ack after success, nak with
 //!   backoff, progress acks, DLQ for poison and last deliveries, metrics per outcome).
 //! - [`dlq`]: dead letters: publishing them and sweeping max-delivery advisories.
+//! - [`outbox`]: outputs stored with the transaction, published after commit, swept after a
+//!   crash.
+//! - [`lease`]: one replica at a time for singleton jobs (a KV entry with a TTL).
 //! - [`retry`]: the one retry/backoff policy.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT into a cancellation token that drains in-flight work.
@@ -19,7 +22,9 @@ pub mod blobs;
 pub mod config;
 pub mod dlq;
 pub mod health;
+pub mod lease;
 pub mod nats;
+pub mod outbox;
 pub mod publish;
 pub mod retry;
 pub mod service;

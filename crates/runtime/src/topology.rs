@@ -205,7 +205,10 @@ impl Topology {
         };
         let fanout = stream::Config {
             description: Some("device pushes and campaign waves for the fan-out".into()),
-            ..self.work_stream(names::STREAM_FANOUT, vec![subjects::FANOUT_ALL.into()])
+            ..self.work_stream(
+                names::STREAM_FANOUT,
+                vec![subjects::FANOUT_ALL.into(), subjects::WEBHOOK_ALL.into()],
+            )
         };
         let audit = stream::Config {
             description: Some("audit events of every service".into()),
@@ -257,6 +260,10 @@ impl Topology {
             (
                 names::STREAM_FANOUT,
                 self.durable(names::CONSUMER_FANOUT, subjects::FANOUT_ALL),
+            ),
+            (
+                names::STREAM_FANOUT,
+                self.durable(names::CONSUMER_WEBHOOK, subjects::WEBHOOK_ALL),
             ),
             (
                 names::STREAM_AUDIT,

@@ -25,7 +25,7 @@ async fn second_declaration_changes_nothing_and_assets_match_the_design() {
     let topology = Topology::new(settings(8));
 
     let first = topology.declare(&js).await.unwrap();
-    let expected_assets = 5 + 3 + 2 * 8 + 3 + 1;
+    let expected_assets = 5 + 4 + 2 * 8 + 3 + 1;
     assert_eq!(first.assets.len(), expected_assets);
     assert!(
         first.assets.iter().all(|a| a.action == Action::Created),

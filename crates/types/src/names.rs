@@ -26,6 +26,8 @@ pub const ALL_STREAMS: [&str; 5] = [
 
 /// The fan-out service's shared durable consumer on `DEVSYNC_FANOUT`.
 pub const CONSUMER_FANOUT: &str = "fanout";
+/// The fan-out service's webhook worker on `DEVSYNC_FANOUT` (`devsync.webhook.>`).
+pub const CONSUMER_WEBHOOK: &str = "fanout-webhook";
 /// The audit service's shared durable consumer on `DEVSYNC_AUDIT`.
 pub const CONSUMER_AUDIT: &str = "audit";
 /// The DLQ sweeper's consumer on `DEVSYNC_ADVISORIES`.
@@ -44,6 +46,11 @@ pub const KV_DESIRED: &str = "devsync-desired";
 pub const KV_MEMBERS: &str = "devsync-members";
 /// Live settings an SRE can change (push policy, rollout rates).
 pub const KV_CONFIG: &str = "devsync-config";
+/// Key in [`KV_CONFIG`]: the global push policy (`push`, `push-active`, `pull-only`).
+pub const CONFIG_PUSH_POLICY: &str = "push_policy";
+/// Key in [`KV_MEMBERS`]: the lease of the requestor replica that runs scheduled jobs and
+/// campaigns.
+pub const LEASE_SCHEDULER: &str = "lease.scheduler";
 /// Claim-check store for large payloads.
 pub const OBJECT_BLOBS: &str = "devsync-blobs";
 

@@ -21,8 +21,14 @@ pub const ROOT: &str = "devsync";
 pub const INGRESS_ALL: &str = "devsync.in.>";
 /// Everything the reconciler consumes, as published (before partitioning).
 pub const REQUEST_INPUT: &str = "devsync.req.*.*";
-/// Everything for the fan-out service.
+/// Everything for the fan-out service's push worker (pushes and campaign batches).
 pub const FANOUT_ALL: &str = "devsync.fanout.>";
+/// Start of every push task's subject (`devsync.fanout.push.<device>`).
+pub const FANOUT_PUSH_PREFIX: &str = "devsync.fanout.push.";
+/// Start of every campaign batch's subject (`devsync.fanout.wave.<campaign>`).
+pub const FANOUT_WAVE_PREFIX: &str = "devsync.fanout.wave.";
+/// Every webhook delivery (the fan-out's HTTP worker; same stream, its own consumer).
+pub const WEBHOOK_ALL: &str = "devsync.webhook.>";
 /// Every audit event.
 pub const AUDIT_ALL: &str = "devsync.audit.>";
 /// Every dead letter.
@@ -129,12 +135,17 @@ pub fn parse_request(subject: &str) -> Result<(Lane, Partition, DeviceId), Subje
 
 /// A push of new desired state for `device`, to the fan-out service.
 pub fn fanout_push(device: &DeviceId) -> String {
-    format!("devsync.fanout.push.{device}")
+    format!("{FANOUT_PUSH_PREFIX}{device}")
 }
 
-/// A campaign wave, to the fan-out service.
+/// A batch of a campaign's devices, to the fan-out service.
 pub fn fanout_wave(campaign: &CampaignId) -> String {
-    format!("devsync.fanout.wave.{campaign}")
+    format!("{FANOUT_WAVE_PREFIX}{campaign}")
+}
+
+/// One webhook delivery to `device`'s endpoint, for the fan-out's HTTP worker.
+pub fn webhook(device: &DeviceId) -> String {
+    format!("devsync.webhook.{device}")
 }
 
 /// Where `service` publishes its audit events.
@@ -213,6 +224,11 @@ mod tests {
         assert_eq!(dlq("DEVSYNC_REQ"), "devsync.dlq.devsync_req");
         assert_eq!(audit(ServiceName::Fanout), "devsync.audit.fanout");
         assert_eq!(device_desired(&dev("a")), "devsync.out.a.desired");
+        assert_eq!(webhook(&dev("a")), "devsync.webhook.a");
+        assert_eq!(
+            fanout_wave(&CampaignId::parse("c1").unwrap()),
+            "devsync.fanout.wave.c1"
+        );
         assert_eq!(device_inbox_prefix(&dev("a")), "devsync.inbox.a");
     }
 }

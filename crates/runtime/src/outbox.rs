@@ -1,6 +1,8 @@
-//! The outbox sweeper: publishes outbox rows a crashed (or slow) transaction left behind.
+//! The transactional outbox: the outputs of a database transaction are stored in the same
+//! transaction ([`insert`]), published after commit with deterministic message ids, and the
+//! row deleted ([`delete`]). Used by the reconciler's batches and the campaign driver.
 //!
-//! The normal path publishes a batch's outputs right after commit and deletes its row. A row
+//! The sweeper ([`run`]) publishes rows a crashed (or slow) transaction left behind. A row
 //! older than `age` is therefore a leftover: the sweeper locks it (`SKIP LOCKED`, so replicas
 //! share the work), publishes its messages with their original message ids (the streams drop
 //! what was already stored) and deletes it.
@@ -10,12 +12,42 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use devsync_proto::Message as _;
 use devsync_proto::v1::OutboxBatch;
-use devsync_runtime::Shutdown;
-use devsync_runtime::publish::{self, Outgoing};
+
+use crate::Shutdown;
+use crate::publish::{self, Outgoing};
 
 const CLAIM: &str = "SELECT id, payload FROM outbox
     WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
     ORDER BY id LIMIT 50 FOR UPDATE SKIP LOCKED";
+
+const INSERT: &str =
+    "INSERT INTO outbox (subject, msg_id, payload) VALUES ('batch', $1, $2) RETURNING id";
+
+/// Stores `messages` in the outbox inside `tx`; returns the row id to [`delete`] after they
+/// were published. `key` names the row for inspection (it is not a message id).
+pub async fn insert(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &str,
+    messages: &[Outgoing],
+) -> Result<i64, tokio_postgres::Error> {
+    let batch = OutboxBatch {
+        messages: messages.iter().map(Outgoing::to_outbox).collect(),
+    };
+    let statement = tx.prepare_cached(INSERT).await?;
+    let row = tx
+        .query_one(&statement, &[&key, &batch.encode_to_vec()])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Deletes a published outbox row.
+pub async fn delete(pool: &Pool, id: i64) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    client
+        .execute("DELETE FROM outbox WHERE id = $1", &[&id])
+        .await?;
+    Ok(())
+}
 
 /// Sweeps every `every` until `shutdown`.
 pub async fn run(

@@ -1,0 +1,305 @@
+//! The database-to-device path, end to end: an administrator's SQL edit is relayed by the
+//! requestor, reconciled, and delivered by the fan-out (KV last value, notification,
+//! webhook), under the push policies.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use devsync_device::push_document;
+use devsync_stack::Stack;
+use devsync_testkit::wait_for;
+use devsync_types::{names, subjects};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A webhook endpoint on loopback that answers `status` and records every call.
+#[derive(Clone)]
+struct Endpoint {
+    url: String,
+    calls: Arc<Mutex<Vec<(Instant, Value)>>>,
+}
+
+impl Endpoint {
+    async fn start(status: StatusCode) -> Self {
+        let calls: Arc<Mutex<Vec<(Instant, Value)>>> = Arc::default();
+        let recorded = calls.clone();
+        let app = Router::new().route(
+            "/hook",
+            post(move |body: axum::Json<Value>| {
+                let recorded = recorded.clone();
+                async move {
+                    recorded.lock().unwrap().push((Instant::now(), body.0));
+                    status
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, calls }
+    }
+
+    fn calls(&self) -> Vec<(Instant, Value)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+async fn metric(addr: std::net::SocketAddr, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(line_start))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_sql_edit_reaches_the_device_also_when_made_while_the_requestor_was_down() {
+    let stack = Stack::start().await;
+    stack.register(&["d-1"]).await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("reconciler-1").await;
+    let fanout = stack.fanout(stack.fanout_settings("fanout-1")).await;
+    let device = stack.device("d-1").await;
+    let mut pushes = Box::pin(device.pushes().await.unwrap());
+
+    stack
+        .sql(r#"UPDATE devices SET desired = '{"fw": "2.0", "led": "on"}' WHERE id = 'd-1'"#)
+        .await;
+    let push = tokio::time::timeout(DEADLINE, pushes.next())
+        .await
+        .expect("a notification arrives")
+        .unwrap();
+    assert_eq!(push.desired_version, 1);
+    assert_eq!(
+        push_document(&push),
+        Some(json!({"fw": "2.0", "led": "on"}))
+    );
+    let stored = device.last_desired().await.unwrap().expect("kv last value");
+    assert_eq!(stored.desired_version, 1);
+
+    // While no requestor runs, the change waits in the database...
+    requestor.stop().await;
+    stack
+        .sql(r#"UPDATE devices SET desired = desired || '{"fw": "2.1"}' WHERE id = 'd-1'"#)
+        .await;
+    let waiting: i64 = stack
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM desired_changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting, 1, "the change is captured, not yet relayed");
+    // ...and is relayed once one is back.
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let push = tokio::time::timeout(DEADLINE, pushes.next())
+        .await
+        .expect("the change made while the requestor was down arrives")
+        .unwrap();
+    assert_eq!(push.desired_version, 2);
+    assert_eq!(push_document(&push).unwrap()["fw"], "2.1");
+    wait_for(DEADLINE, "kv holds version 2", || async {
+        let held = device.last_desired().await.unwrap()?;
+        (held.desired_version == 2).then_some(())
+    })
+    .await;
+    let cursor: i64 = stack
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT last_id FROM relay_cursors WHERE name = 'desired_changes'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cursor, 2, "the relay's cursor is persisted");
+
+    fanout.stop().await;
+    reconciler.stop().await;
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn webhooks_are_retried_with_backoff_and_a_dead_endpoint_opens_its_circuit() {
+    let stack = Stack::start().await;
+    let good = Endpoint::start(StatusCode::NO_CONTENT).await;
+    let bad = Endpoint::start(StatusCode::SERVICE_UNAVAILABLE).await;
+    stack.register(&["good-1", "bad-1"]).await;
+    stack
+        .sql(&format!(
+            "UPDATE devices SET http_endpoint = '{}' WHERE id = 'good-1';
+             UPDATE devices SET http_endpoint = '{}' WHERE id = 'bad-1';",
+            good.url, bad.url
+        ))
+        .await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("reconciler-1").await;
+    let mut settings = stack.fanout_settings("fanout-1");
+    settings.fanout.breaker_failures = 2;
+    settings.fanout.breaker_open = Duration::from_secs(3);
+    settings.fanout.webhook_attempts = 5;
+    let fanout = stack.fanout(settings).await;
+
+    stack
+        .sql(r#"UPDATE devices SET desired = '{"mode": "eco"}' WHERE id IN ('bad-1', 'good-1')"#)
+        .await;
+
+    // The healthy endpoint is served at once, whatever the dead one does.
+    let call = wait_for(DEADLINE, "the healthy endpoint's webhook", || async {
+        good.calls().first().map(|(_, body)| body.clone())
+    })
+    .await;
+    assert_eq!(call["device_id"], "good-1");
+    assert_eq!(call["desired_version"], 1);
+    assert_eq!(call["desired"], json!({"mode": "eco"}));
+
+    // The dead endpoint: retried, then its circuit opens, then the task is dead-lettered after
+    // its attempts, some of which were refused by the open circuit without a call.
+    wait_for(DEADLINE, "the webhook dead-lettered", || async {
+        let dead = stack.stored(names::STREAM_DLQ).await;
+        dead.iter()
+            .any(|(subject, _)| subject == &subjects::dlq(names::STREAM_FANOUT))
+            .then_some(())
+    })
+    .await;
+    let calls = bad.calls();
+    assert!(
+        calls.len() >= 2,
+        "the failing endpoint was retried: {} calls",
+        calls.len()
+    );
+    assert!(
+        calls.len() < 5,
+        "the open circuit spared the endpoint some calls: {} calls for 5 attempts",
+        calls.len()
+    );
+    let gap = calls[1].0 - calls[0].0;
+    assert!(
+        gap >= Duration::from_millis(50),
+        "retries wait for a backoff, not at once: {gap:?}"
+    );
+    let opened = metric(fanout.running.http_addr, "devsync_webhook_circuits_opened").await;
+    assert!(opened >= 1.0, "the circuit opened ({opened})");
+    assert_eq!(
+        good.calls().len(),
+        1,
+        "the healthy endpoint got exactly one call"
+    );
+
+    fanout.stop().await;
+    reconciler.stop().await;
+    requestor.stop().await;
+}
+
+#[tokio::test]
+async fn push_active_skips_sleeping_devices_which_pull_on_wake_up_and_pull_only_sends_nothing() {
+    let stack = Stack::start().await;
+    stack.register(&["awake-1", "asleep-1"]).await;
+    stack
+        .sql("UPDATE devices SET last_seen = now() WHERE id = 'awake-1'")
+        .await;
+    stack.declare().await;
+    let config = stack.js.get_key_value(names::KV_CONFIG).await.unwrap();
+    config
+        .put(names::CONFIG_PUSH_POLICY, "push-active".into())
+        .await
+        .unwrap();
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("reconciler-1").await;
+    let fanout = stack.fanout(stack.fanout_settings("fanout-1")).await;
+    let awake = stack.device("awake-1").await;
+    let asleep = stack.device("asleep-1").await;
+    let addr = fanout.running.http_addr;
+
+    stack
+        .sql(r#"UPDATE devices SET desired = '{"interval": 30}' WHERE id IN ('awake-1', 'asleep-1')"#)
+        .await;
+    wait_for(DEADLINE, "the awake device's kv value", || async {
+        awake.last_desired().await.unwrap()
+    })
+    .await;
+    wait_for(DEADLINE, "the sleeping device skipped", || async {
+        (metric(addr, "devsync_fanout_deliveries_total{result=\"skipped\"").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        asleep.last_desired().await.unwrap().is_none(),
+        "nothing was written for the sleeping device"
+    );
+    // On wake-up it pulls the change.
+    match asleep.refresh(0).await.unwrap() {
+        devsync_device::Refresh::Full { version, document }
+        | devsync_device::Refresh::Delta {
+            version,
+            patch: document,
+        } => {
+            assert_eq!(version, 1);
+            assert_eq!(document, json!({"interval": 30}));
+        }
+        other => panic!("expected the change, got {other:?}"),
+    }
+
+    // pull-only: nothing is written, not even for the awake device.
+    config
+        .put(names::CONFIG_PUSH_POLICY, "pull-only".into())
+        .await
+        .unwrap();
+    let skipped = || metric(addr, "devsync_fanout_deliveries_total{result=\"skipped\"");
+    let edit = r#"UPDATE devices SET desired = desired || jsonb_build_object('n', random()) WHERE id = 'awake-1'"#;
+    // The watch is asynchronous: edit until an edit is skipped, then once more, so the last
+    // edit certainly met the new policy.
+    let before = skipped().await;
+    wait_for(DEADLINE, "the policy change applied", || async {
+        stack.sql(edit).await;
+        let now = skipped().await;
+        (now > before).then_some(())
+    })
+    .await;
+    let before = skipped().await;
+    stack.sql(edit).await;
+    wait_for(DEADLINE, "the last edit skipped", || async {
+        (skipped().await > before).then_some(())
+    })
+    .await;
+    let held = awake.last_desired().await.unwrap().unwrap();
+    let version: i64 = stack
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT desired_version FROM devices WHERE id = 'awake-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (held.desired_version as i64) < version,
+        "pull-only wrote nothing: kv at {} while the database is at {version}",
+        held.desired_version
+    );
+
+    fanout.stop().await;
+    reconciler.stop().await;
+    requestor.stop().await;
+}
