@@ -16,11 +16,13 @@
 //!    (`governor` token bucket) and the max in flight (devices sent but not yet acknowledged)
 //!    bound the batches.
 //! 3. **Waves advance** when every device of the wave was dispatched and either none is still
-//!    waiting for its acknowledgement or `wave_wait_secs` passed.
+//!    waiting for its acknowledgement or `wave_wait_secs` passed, and the abort criteria
+//!    still pass.
 //! 4. **Abort criteria** are evaluated on devices' real acknowledgements (recorded by the
 //!    reconciler into `campaign_devices`) and failed deliveries: a failure ratio above the
 //!    limit, or a device not converged long after it was sent, aborts the campaign; devices
-//!    already dispatched keep the change, nothing more is dispatched.
+//!    already dispatched keep the change, nothing more is dispatched. They are checked every
+//!    second while a wave is dispatched and always before the next wave starts.
 //!
 //! Pause stops dispatch (the driver idles), resume continues from the stored progress, abort
 //! ends it. Every state change is audited.
@@ -234,6 +236,12 @@ impl Driver {
             .get(0);
         if waiting > 0 && !campaign.wave_waited {
             return Ok(Step::Idle);
+        }
+        // A wave is judged before the next one starts (or the campaign completes).
+        if let Some(reason) = self.abort_reason(&campaign).await? {
+            self.finish("aborted", &reason, AuditOutcome::Failed)
+                .await?;
+            return Ok(Step::Done);
         }
         let waves = campaign.waves.as_array().map_or(1, Vec::len) as i32;
         if campaign.wave + 1 < waves {

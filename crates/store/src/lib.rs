@@ -11,6 +11,7 @@
 //! once.
 
 pub mod audit;
+pub mod campaigns;
 pub mod devices;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
