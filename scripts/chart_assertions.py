@@ -5,8 +5,9 @@
       Checks one `helm template` output against the values it was rendered from (the chart's
       values.yaml first, then the variant): security context, resources and probes of every
       container, replicas versus HPA/KEDA (and the reconciler's cap at the partition count),
-      hooks, NetworkPolicies, credentials only from Secrets, and the shape of the KEDA and
-      Prometheus Operator objects (which kubernetes-validate has no schema for).
+      hooks, NetworkPolicies, credentials only from Secrets, each service's own settings
+      (DEVSYNC_<SERVICE>__*) rendered from its values, and the shape of the KEDA and Prometheus
+      Operator objects (which kubernetes-validate has no schema for).
 
   chart_assertions.py chart CHART_DIR --helm HELM
       Checks the chart itself: every object of values.schema.json is closed
@@ -35,8 +36,9 @@ from typing import Any
 import yaml
 
 SERVICES = ("requestor", "reconciler", "fanout", "audit")
+# The stream KEDA measures per service. The requestor has none (its ingress is a core NATS
+# queue group) and so no `keda` values.
 STREAM_OF = {
-    "requestor": "DEVSYNC_IN",
     "reconciler": "DEVSYNC_REQ",
     "fanout": "DEVSYNC_FANOUT",
     "audit": "DEVSYNC_AUDIT",
@@ -294,7 +296,9 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
             f"{where}: selector does not match the pod labels",
         )
 
-        autoscaled = v["hpa"]["enabled"] or v["keda"]["enabled"]
+        keda = v.get("keda") or {"enabled": False}
+        f.check(name != "requestor" or "keda" not in v, "requestor values have a keda block")
+        autoscaled = v["hpa"]["enabled"] or keda["enabled"]
         if autoscaled:
             f.check("replicas" not in dep["spec"], f"{where}: replicas is set although an autoscaler owns it")
         else:
@@ -322,11 +326,12 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
 
         so = scaled.get(dname)
         f.check(
-            (so is not None) == v["keda"]["enabled"],
-            f"{where}: ScaledObject present={so is not None}, keda.enabled={v['keda']['enabled']}",
+            (so is not None) == keda["enabled"],
+            f"{where}: ScaledObject present={so is not None}, keda.enabled={keda['enabled']}",
         )
         if so is not None:
-            check_scaled_object(name, so, v["keda"], values, cap, f)
+            check_scaled_object(name, so, keda, values, cap, f)
+        check_service_settings(name, where, env_map(c), values, f)
 
         pdb = pdbs.get(name)
         f.check(
@@ -411,6 +416,50 @@ def check_rendered(manifest: Path, values: dict, f: Failures) -> None:
 
     check_network_policies(by_kind.get("NetworkPolicy", []), values, f)
     check_service_monitor(by_kind.get("ServiceMonitor", []), values, f)
+
+
+def service_settings(name: str, values: dict) -> dict[str, str]:
+    """The DEVSYNC_<SERVICE>__* variables the chart renders from a service's values."""
+    window = values["config"]["activeWindow"]
+    if name == "requestor":
+        s = values["requestor"]["scheduler"]
+        return {
+            "DEVSYNC_REQUESTOR__SCHEDULER__SWEEP_EVERY": s["sweepEvery"],
+            "DEVSYNC_REQUESTOR__SCHEDULER__DRIFT_AFTER": s["driftAfter"],
+            "DEVSYNC_REQUESTOR__SCHEDULER__INACTIVE_AFTER": s["inactiveAfter"],
+            "DEVSYNC_REQUESTOR__SCHEDULER__CAMPAIGN_EXPIRY": s["campaignExpiry"],
+            "DEVSYNC_REQUESTOR__SCHEDULER__ACTIVE_WINDOW": window,
+        }
+    if name == "reconciler":
+        return {"DEVSYNC_RECONCILER__ACTIVE_WINDOW": window}
+    if name == "fanout":
+        w = values["fanout"]["webhooks"]
+        return {
+            "DEVSYNC_FANOUT__DEFAULT_POLICY": values["fanout"]["defaultPushPolicy"],
+            "DEVSYNC_FANOUT__ACTIVE_WINDOW": window,
+            "DEVSYNC_FANOUT__WEBHOOK_TIMEOUT": w["timeout"],
+            "DEVSYNC_FANOUT__WEBHOOK_ATTEMPTS": str(w["attempts"]),
+            "DEVSYNC_FANOUT__WEBHOOK_WORKERS": str(w["workers"]),
+            "DEVSYNC_FANOUT__BREAKER_FAILURES": str(w["breakerFailures"]),
+            "DEVSYNC_FANOUT__BREAKER_OPEN": w["breakerOpen"],
+        }
+    return {}
+
+
+def check_service_settings(name: str, where: str, env: dict[str, dict], values: dict, f: Failures) -> None:
+    """A service gets its own settings from its values (unless an env map overrides them), and no
+    other service's."""
+    overrides = {**(values["config"].get("env") or {}), **(values[name].get("env") or {})}
+    for var, want in service_settings(name, values).items():
+        if var in overrides:
+            continue
+        got = env.get(var, {}).get("value")
+        f.check(got == want, f"{where}: {var} is {got!r}, expected {want!r} from the values")
+    for other in SERVICES:
+        prefix = f"DEVSYNC_{other.upper()}__"
+        if other != name:
+            stray = [var for var in env if var.startswith(prefix) and var not in overrides]
+            f.check(not stray, f"{where}: settings of {other}: {stray}")
 
 
 def check_nats_auth(cw: str, c: dict, pod: dict, values: dict, f: Failures) -> None:
@@ -774,6 +823,23 @@ BAD_VALUES = [
         "template",
         "ipBlocks must list at least one range",
     ),
+    (
+        "KEDA for the requestor (no JetStream backlog)",
+        {"requestor": {"keda": {"enabled": True}}},
+        "lint",
+        "additional properties 'keda' not allowed",
+    ),
+    ("unknown push policy", {"fanout": {"defaultPushPolicy": "push-all"}}, "lint", "defaultPushPolicy"),
+    ("duration without a unit", {"requestor": {"scheduler": {"sweepEvery": "60"}}}, "lint", "sweepEvery"),
+    ("zero duration", {"fanout": {"webhooks": {"timeout": "0s"}}}, "lint", "timeout"),
+    ("no webhook attempts", {"fanout": {"webhooks": {"attempts": 0}}}, "lint", "attempts"),
+    (
+        "more webhook attempts than deliveries",
+        {"fanout": {"webhooks": {"attempts": 11}}},
+        "template",
+        "fanout.webhooks.attempts (11) must not exceed",
+    ),
+    ("active window as a number", {"config": {"activeWindow": 900}}, "lint", "activeWindow"),
     (
         "webhook range without a cidr",
         {"networkPolicy": {"fanoutWebhooks": {"ipBlocks": [{"except": ["10.0.0.0/8"]}]}}},

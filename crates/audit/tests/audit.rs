@@ -167,11 +167,22 @@ async fn the_pipelines_events_are_stored_once_and_found_by_device_worker_and_req
     );
     assert!(events.iter().any(|e| e["worker_id"] == "reconciler/rec-1"));
 
-    // By request id: the chain of one report.
-    let (_, page) = get(audit.http_addr, "/v1/audit?request=report:a2:2").await;
-    let events = page["events"].as_array().unwrap();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["device_id"], "a2");
+    // By request id: the chain of one report, accepted by the requestor, applied by the
+    // reconciler.
+    let events = wait_for(Duration::from_secs(20), "the report's chain", || async {
+        let (_, page) = get(audit.http_addr, "/v1/audit?request=report:a2:2").await;
+        let events = page["events"].as_array().unwrap().clone();
+        (events.len() >= 2).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e["device_id"] == "a2"));
+    let actions: Vec<&str> = events
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"report.accepted"), "{actions:?}");
+    assert!(actions.contains(&"report.applied"), "{actions:?}");
 
     // By worker.
     let (_, page) = get(
@@ -198,7 +209,7 @@ async fn the_pipelines_events_are_stored_once_and_found_by_device_worker_and_req
     )
     .await
     .unwrap();
-    let mut message = auditor.message(&stored.events).unwrap();
+    let mut message = auditor.message(&stored.events).remove(0);
     message.msg_id.push_str(":again");
     devsync_runtime::publish::publish_all(&nats.jetstream().await, [message])
         .await
@@ -467,7 +478,7 @@ async fn two_replicas_share_the_load_without_duplicates() {
         let records: Vec<AuditRecord> = (0..10)
             .map(|i| record("s1", "requestor/r", &format!("b{batch}-{i}"), "x", now))
             .collect();
-        let message = auditor.message(&records).unwrap();
+        let message = auditor.message(&records).remove(0);
         messages.push(message.clone());
         // Every batch twice (a publisher retry that missed the dedupe window).
         let mut again = message;

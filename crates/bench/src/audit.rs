@@ -79,9 +79,7 @@ pub async fn run(
         let records: Vec<AuditRecord> = (chunk * 100..((chunk + 1) * 100).min(ingest))
             .map(|i| record(i, 10_000, now, &worker))
             .collect();
-        if let Some(message) = auditor.message(&records) {
-            messages.push(message);
-        }
+        messages.extend(auditor.message(&records));
         if messages.len() >= 500 {
             devsync_runtime::publish::publish_all(&js, std::mem::take(&mut messages)).await?;
         }

@@ -6,7 +6,11 @@
 //!    requestor and reconciler (run as separate processes, as deployed) into PostgreSQL, with
 //!    the ingress answer latency, the report-to-database latency, refreshes at 1,000/s during
 //!    and after the load, and each service's peak RSS and CPU;
-//! 3. the audit store ([`audit`]): ingest rate through the audit service, and search latency by
+//! 3. scenario b ([`campaign`]): one campaign over a million registered devices, `push`, no
+//!    rate limit — devices delivered per second through NATS and the fan-out's memory;
+//! 4. scenario d ([`backlog`]): a million-request backlog built while no reconciler runs, then
+//!    drained: drain rate, zero loss, and the reconciler's memory staying flat;
+//! 5. the audit store ([`audit`]): ingest rate through the audit service, and search latency by
 //!    device over a large stored history;
 //!
 //! then prints one table where every throughput is also given as a ratio of the raw limits
@@ -15,6 +19,8 @@
 //! about a minute. Nothing here asserts timings: benchmarks report, tests check behaviour.
 
 pub mod audit;
+pub mod backlog;
+pub mod campaign;
 pub mod e2e;
 pub mod procs;
 pub mod raw;
@@ -51,6 +57,21 @@ pub struct Args {
     /// Skip the audit scenario.
     #[arg(long)]
     pub skip_audit: bool,
+    /// Skip scenario a (device reports end to end, with c and the refresh figures).
+    #[arg(long)]
+    pub skip_reports: bool,
+    /// Skip scenario b (the campaign).
+    #[arg(long)]
+    pub skip_campaign: bool,
+    /// Skip scenario d (the backlog).
+    #[arg(long)]
+    pub skip_backlog: bool,
+    /// Devices in scenario d (each sends `--reports-per-device` reports into the backlog).
+    #[arg(long)]
+    pub backlog_devices: Option<u64>,
+    /// Devices the campaign of scenario b targets.
+    #[arg(long)]
+    pub campaign_devices: Option<u64>,
     /// Messages for the raw JetStream measurements.
     #[arg(long)]
     pub raw_messages: Option<usize>,
@@ -100,15 +121,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let raw = raw::measure(nats.url(), &database_url, args.raw_messages()).await?;
     raw.print();
-    let e2e = e2e::run(
-        nats.url(),
-        &database_url,
-        &dir,
-        args.devices(),
-        args.reports_per_device(),
-        args.concurrency,
-    )
-    .await?;
+    let e2e = if args.skip_reports {
+        None
+    } else {
+        Some(
+            e2e::run(
+                nats.url(),
+                &database_url,
+                &dir,
+                args.devices(),
+                args.reports_per_device(),
+                args.concurrency,
+            )
+            .await?,
+        )
+    };
+    let campaign = if args.skip_campaign {
+        None
+    } else {
+        let devices = args
+            .campaign_devices
+            .unwrap_or(if args.quick { 50_000 } else { 1_000_000 });
+        Some(campaign::run(nats.url(), &database_url, &dir, devices).await?)
+    };
+    let backlog = if args.skip_backlog {
+        None
+    } else {
+        let devices = args
+            .backlog_devices
+            .unwrap_or(if args.quick { 10_000 } else { 100_000 });
+        Some(
+            backlog::run(
+                nats.url(),
+                &database_url,
+                &dir,
+                devices,
+                args.reports_per_device(),
+            )
+            .await?,
+        )
+    };
     let audit = if args.skip_audit {
         None
     } else {
@@ -120,7 +172,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(if args.quick { 1_000_000 } else { 10_000_000 });
         Some(audit::run(nats.url(), &database_url, &dir, ingest, history).await?)
     };
-    let results = report::Results::new(&args, raw, e2e, audit);
+    let results = report::Results::new(&args, raw, e2e, campaign, backlog, audit);
     results.print();
     let written = results.write(&args.out)?;
     println!("results written to {}", written.display());

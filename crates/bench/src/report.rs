@@ -16,7 +16,9 @@ pub struct Results {
     pub machine: String,
     pub quick: bool,
     pub raw: Limits,
-    pub e2e: e2e::Results,
+    pub e2e: Option<e2e::Results>,
+    pub campaign: Option<crate::campaign::Results>,
+    pub backlog: Option<crate::backlog::Results>,
     pub audit: Option<crate::audit::Results>,
 }
 
@@ -50,11 +52,15 @@ impl Results {
     pub fn new(
         args: &Args,
         raw: Limits,
-        e2e: e2e::Results,
+        e2e: Option<e2e::Results>,
+        campaign: Option<crate::campaign::Results>,
+        backlog: Option<crate::backlog::Results>,
         audit: Option<crate::audit::Results>,
     ) -> Self {
         Self {
             audit,
+            campaign,
+            backlog,
             date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
             machine: machine(),
             quick: args.quick,
@@ -66,7 +72,6 @@ impl Results {
     /// The Markdown report.
     pub fn markdown(&self) -> String {
         let r = &self.raw;
-        let e = &self.e2e;
         let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
         let mut out = String::new();
         let _ = writeln!(
@@ -92,69 +97,140 @@ impl Results {
             "| PostgreSQL upsert, UNNEST batches of 500 | {:.0} rows |",
             r.postgres_upsert_rows
         );
-        let _ = writeln!(out, "\n## Scenario a: device reports end to end\n");
-        let _ = writeln!(
-            out,
-            "{} reports from {} devices (requestor, reconciler and audit as separate processes).\n",
-            e.reports, e.devices
-        );
-        let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
-        let _ = writeln!(
-            out,
-            "| reports applied in PostgreSQL | {:.0}/s | {:.1}% of JetStream publish, {:.1}% of PostgreSQL upsert |",
-            e.applied_per_second,
-            100.0 * e.applied_per_second / r.jetstream_publish,
-            100.0 * e.applied_per_second / r.postgres_upsert_rows
-        );
-        let _ = writeln!(
-            out,
-            "| reports accepted (durable) | {:.0}/s | {:.1}% of JetStream publish |",
-            e.ingest_per_second,
-            100.0 * e.ingest_per_second / r.jetstream_publish
-        );
-        let _ = writeln!(
-            out,
-            "| ingress answer latency p50 / p99 / p99.9 | {:.1} / {:.1} / {:.1} ms | |",
-            e.ingress_p50_ms, e.ingress_p99_ms, e.ingress_p999_ms
-        );
-        let _ = writeln!(
-            out,
-            "| report to database p50 / p99 (bucket bound) | {} / {} ms | |",
-            ms(e.report_to_db_p50_ms),
-            ms(e.report_to_db_p99_ms)
-        );
-        let _ = writeln!(out, "| device-side retries | {} | |", e.errors);
-        if let Some((rate, p50, p99)) = e.half_load {
+        if let Some(e) = &self.e2e {
+            let _ = writeln!(out, "\n## Scenario a: device reports end to end\n");
             let _ = writeln!(
                 out,
-                "| scenario c: reports paced at half the peak: achieved, ingress p50 / p99 | {rate:.0}/s, {p50:.1} / {p99:.1} ms | |"
+                "{} reports from {} devices (requestor, reconciler and audit as separate processes).\n",
+                e.reports, e.devices
             );
-        }
-        for (label, figures) in [
-            (
-                "refresh at 1,000/s during the full-speed report load",
-                &e.refresh_under_load,
-            ),
-            (
-                "scenario c: refresh at 1,000/s during the half-peak load",
-                &e.refresh_half_load,
-            ),
-            ("refresh at 1,000/s after the load", &e.refresh_idle),
-        ] {
-            if let Some(f) = figures {
+            let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
+            let _ = writeln!(
+                out,
+                "| reports applied in PostgreSQL | {:.0}/s | {:.1}% of JetStream publish, {:.1}% of PostgreSQL upsert |",
+                e.applied_per_second,
+                100.0 * e.applied_per_second / r.jetstream_publish,
+                100.0 * e.applied_per_second / r.postgres_upsert_rows
+            );
+            let _ = writeln!(
+                out,
+                "| reports accepted (durable) | {:.0}/s | {:.1}% of JetStream publish |",
+                e.ingest_per_second,
+                100.0 * e.ingest_per_second / r.jetstream_publish
+            );
+            let _ = writeln!(
+                out,
+                "| ingress answer latency p50 / p99 / p99.9 | {:.1} / {:.1} / {:.1} ms | |",
+                e.ingress_p50_ms, e.ingress_p99_ms, e.ingress_p999_ms
+            );
+            let _ = writeln!(
+                out,
+                "| report to database p50 / p99 (bucket bound) | {} / {} ms | |",
+                ms(e.report_to_db_p50_ms),
+                ms(e.report_to_db_p99_ms)
+            );
+            let _ = writeln!(out, "| device-side retries | {} | |", e.errors);
+            if let Some((rate, p50, p99)) = e.half_load {
                 let _ = writeln!(
                     out,
-                    "| {label}: p50 / p99 | {:.1} / {:.1} ms ({:.0}/s sent, {} errors) | |",
-                    f.p50_ms, f.p99_ms, f.per_second, f.errors
+                    "| scenario c: reports paced at half the peak: achieved, ingress p50 / p99 | {rate:.0}/s, {p50:.1} / {p99:.1} ms | |"
+                );
+            }
+            for (label, figures) in [
+                (
+                    "refresh at 1,000/s during the full-speed report load",
+                    &e.refresh_under_load,
+                ),
+                (
+                    "scenario c: refresh at 1,000/s during the half-peak load",
+                    &e.refresh_half_load,
+                ),
+                ("refresh at 1,000/s after the load", &e.refresh_idle),
+            ] {
+                if let Some(f) = figures {
+                    let _ = writeln!(
+                        out,
+                        "| {label}: p50 / p99 | {:.1} / {:.1} ms ({:.0}/s sent, {} errors) | |",
+                        f.p50_ms, f.p99_ms, f.per_second, f.errors
+                    );
+                }
+            }
+            let _ = writeln!(out, "\n| service | peak RSS | CPU |\n|---|---:|---:|");
+            for s in &e.services {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} MiB | {:.1} s |",
+                    s.name, s.peak_rss_mib, s.cpu_seconds
                 );
             }
         }
-        let _ = writeln!(out, "\n| service | peak RSS | CPU |\n|---|---:|---:|");
-        for s in &e.services {
+        if let Some(c) = &self.campaign {
+            let _ = writeln!(out, "\n## Scenario b: one campaign, push, no rate limit\n");
             let _ = writeln!(
                 out,
-                "| {} | {:.1} MiB | {:.1} s |",
-                s.name, s.peak_rss_mib, s.cpu_seconds
+                "{} registered devices targeted (requestor as the campaign driver and fan-out as separate processes).\n",
+                c.devices
+            );
+            let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
+            let _ = writeln!(
+                out,
+                "| devices delivered through NATS (KV last value + notification) | {:.0}/s | {:.1}% of JetStream publish |",
+                c.delivered_per_second,
+                100.0 * c.delivered_per_second / r.jetstream_publish
+            );
+            let _ = writeln!(
+                out,
+                "| devices dispatched by the driver (patched in PostgreSQL, handed to the fan-out) | {:.0}/s | {:.1}% of PostgreSQL upsert |",
+                c.dispatched_per_second,
+                100.0 * c.dispatched_per_second / r.postgres_upsert_rows
+            );
+            let _ = writeln!(
+                out,
+                "| fan-out peak RSS at a quarter of the campaign / at its end | {:.1} / {:.1} MiB | |",
+                c.fanout_rss_quarter_mib,
+                c.processes
+                    .iter()
+                    .find(|p| p.name.contains("fanout"))
+                    .map_or(0.0, |p| p.peak_rss_mib)
+            );
+            let _ = writeln!(out, "\n| service | peak RSS | CPU |\n|---|---:|---:|");
+            for s in &c.processes {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.1} MiB | {:.1} s |",
+                    s.name, s.peak_rss_mib, s.cpu_seconds
+                );
+            }
+        }
+        if let Some(d) = &self.backlog {
+            let _ = writeln!(
+                out,
+                "\n## Scenario d: a backlog built while the reconciler is stopped, then drained\n"
+            );
+            let _ = writeln!(out, "| figure | value | vs raw |\n|---|---:|---:|");
+            let _ = writeln!(
+                out,
+                "| backlog built ({} requests from {} devices) | {:.0}/s | {:.1}% of JetStream publish |",
+                d.requests,
+                d.devices,
+                d.built_per_second,
+                100.0 * d.built_per_second / r.jetstream_publish
+            );
+            let _ = writeln!(
+                out,
+                "| drained into PostgreSQL by one reconciler | {:.0}/s | {:.1}% of PostgreSQL upsert |",
+                d.drained_per_second,
+                100.0 * d.drained_per_second / r.postgres_upsert_rows
+            );
+            let _ = writeln!(
+                out,
+                "| reports applied / sent (zero loss when equal) | {} / {} | |",
+                d.applied, d.requests
+            );
+            let _ = writeln!(
+                out,
+                "| reconciler peak RSS at a quarter of the drain / at its end | {:.1} / {:.1} MiB | |",
+                d.reconciler_rss_quarter_mib, d.reconciler.peak_rss_mib
             );
         }
         if let Some(a) = &self.audit {

@@ -37,6 +37,10 @@ pub enum Command {
     /// replace or merge-patch their desired state (versioned and captured by the database like
     /// any change, with 'devsyncctl' as its source).
     Devices(DevicesArgs),
+    /// Create campaigns (one merge patch rolled out to a selection of devices in waves, at a
+    /// rate, with abort criteria), follow their progress, list them, pause, resume or abort
+    /// them. The requestor replica holding the scheduler lease runs them.
+    Campaign(CampaignArgs),
     /// Check an installation end to end with a throwaway device: register it, report, refresh,
     /// acknowledge, and find its actions in the audit trail; then remove it. Used by `helm test`.
     Smoke(SmokeArgs),
@@ -216,4 +220,90 @@ pub struct SmokeArgs {
     /// How long the whole round trip may take.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CampaignArgs {
+    #[command(subcommand)]
+    pub command: CampaignCommand,
+}
+
+/// Campaign ids, like device ids, are 1 to 128 of `A-Z a-z 0-9 _ -`.
+#[derive(Debug, Subcommand)]
+pub enum CampaignCommand {
+    /// Create a campaign (state `pending`; the scheduler starts it). Prints its id and what it
+    /// targets.
+    Create {
+        /// The campaign id.
+        id: String,
+        /// Which enabled devices: `labels:K=V,K2=V2` (all must match), `group:NAME` (the label
+        /// `group`), `ids:A,B,C`, `ids:@FILE` (one id per line; `@-`: standard input) or `all`.
+        #[arg(long, value_name = "SEL")]
+        selector: String,
+        /// The RFC 7386 merge patch applied to each device's desired state (null removes a
+        /// field): a JSON object inline or as `@FILE` (`@-`: standard input).
+        #[arg(long, value_name = "JSON|@FILE")]
+        patch: String,
+        /// push (every targeted device), push-active (devices seen recently; the others pull
+        /// on wake-up) or pull-only (no pushes).
+        #[arg(long, default_value = "push", value_name = "POLICY")]
+        policy: String,
+        /// Devices dispatched per second at most (`100` or `100/s`). Default: unlimited.
+        #[arg(long, value_name = "N")]
+        rate: Option<String>,
+        /// Devices sent and not yet acknowledged at most. Default: unlimited.
+        #[arg(long, value_name = "N")]
+        max_in_flight: Option<String>,
+        /// Cumulative waves: `canary` (0.1 %) and percentages, growing, ending at 100%.
+        #[arg(long, default_value = "100%", value_name = "WAVES")]
+        waves: String,
+        /// Abort when `failure-ratio>0.05` (failed / dispatched; `5%` works too) or
+        /// `not-converged-after 10m` (a device sent that long ago has not converged); join
+        /// both with ` or `, or repeat the option.
+        #[arg(long = "abort-if", value_name = "EXPR")]
+        abort_if: Vec<String>,
+        /// How long a dispatched wave waits for acknowledgements before the next one starts
+        /// (whole seconds: 30s, 5m, 1h).
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        wave_wait: String,
+    },
+    /// Show a campaign: state (and why), policy, wave, and how many devices are targeted,
+    /// pending, sent, acknowledged, converged, failed and skipped.
+    Status {
+        /// The campaign id.
+        id: String,
+        /// One JSON object instead of text (with --watch: one per refresh).
+        #[arg(long)]
+        json: bool,
+        /// Follow the progress (refreshed twice a second) until the campaign is completed,
+        /// aborted or expired, then print its final status. Without a terminal: one line per
+        /// refresh.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List the most recent campaigns, newest first.
+    List {
+        /// Most campaigns to show.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a pending or running campaign: nothing more is dispatched until it is resumed.
+    Pause {
+        /// The campaign id.
+        id: String,
+    },
+    /// Resume a paused campaign.
+    Resume {
+        /// The campaign id.
+        id: String,
+    },
+    /// Abort a pending, running or paused campaign: nothing more is dispatched; devices already
+    /// sent keep the change.
+    Abort {
+        /// The campaign id.
+        id: String,
+    },
 }

@@ -6,6 +6,8 @@
 //! - `audit`: search (table, JSON, follow) and verify the audit trail.
 //! - `devices`: register, list, show (with the delta), label, enable / disable devices and
 //!   replace or merge-patch their desired state.
+//! - `campaign`: create campaigns (selector, merge patch, policy, rate, waves, abort criteria),
+//!   show and watch their progress, list, pause, resume and abort them.
 //! - `smoke`: an end-to-end round trip with a throwaway device (`helm test`).
 //! - `up`: the local stack (NATS + PostgreSQL + topology) until Ctrl-C.
 //!
@@ -44,6 +46,7 @@ pub async fn main() -> ExitCode {
         Command::Status(args) => commands::status::run(&settings, &args).await,
         Command::Audit(args) => commands::audit::run(&settings, args).await,
         Command::Devices(args) => commands::devices::run(&settings, args).await,
+        Command::Campaign(args) => commands::campaign::run(&settings, args).await,
         Command::Smoke(args) => commands::smoke::run(&settings, &args).await,
         Command::Up(args) => commands::up::run(settings, &sources, args).await,
     };

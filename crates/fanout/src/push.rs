@@ -35,6 +35,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use tracing::{Instrument as _, Span};
 
 use crate::FanoutSettings;
 use crate::policy::{self, Policies};
@@ -116,7 +117,7 @@ impl Handler for Pusher {
                 outcomes[index] = self.campaign_batch(delivery).await;
             } else if subject.starts_with(subjects::FANOUT_PUSH_PREFIX) {
                 match self.task(delivery) {
-                    Ok(task) => tasks.push((index, task)),
+                    Ok(task) => tasks.push((index, task, delivery.span.clone())),
                     Err(reason) => outcomes[index] = Outcome::Reject(reason),
                 }
             } else {
@@ -125,7 +126,7 @@ impl Handler for Pusher {
         }
         if !tasks.is_empty() {
             // Active devices first.
-            tasks.sort_by_key(|(_, (target, _))| !target.active);
+            tasks.sort_by_key(|(_, (target, _), _)| !target.active);
             for (index, outcome) in self.tasks(tasks).await {
                 outcomes[index] = outcome;
             }
@@ -174,12 +175,16 @@ impl Pusher {
         ))
     }
 
-    async fn tasks(&self, tasks: Vec<(usize, (Target, i32))>) -> Vec<(usize, Outcome)> {
+    async fn tasks(&self, tasks: Vec<(usize, (Target, i32), Span)>) -> Vec<(usize, Outcome)> {
         let now = Utc::now();
         let results: Vec<(usize, Attempt)> = futures::stream::iter(tasks)
-            .map(|(index, (target, own))| async move {
-                let policy = self.policies.resolve(own, &target.push.campaign_id).await;
-                (index, self.deliver(&target, policy, true, now).await)
+            .map(|(index, (target, own), span)| {
+                // In the delivery's span: its trace continues the publisher's.
+                async move {
+                    let policy = self.policies.resolve(own, &target.push.campaign_id).await;
+                    (index, self.deliver(&target, policy, true, now).await)
+                }
+                .instrument(span)
             })
             .buffer_unordered(self.settings.concurrency)
             .collect()
@@ -327,7 +332,11 @@ impl Pusher {
             Ok(batch) => batch,
             Err(error) => return Outcome::Reject(format!("not a campaign batch: {error}")),
         };
-        match self.deliver_batch(&batch).await {
+        match self
+            .deliver_batch(&batch)
+            .instrument(delivery.span.clone())
+            .await
+        {
             Ok(()) => Outcome::Ack,
             Err(error) => {
                 tracing::warn!(campaign = %batch.campaign_id, %error, "campaign batch failed");

@@ -34,6 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use crate::FanoutSettings;
 
@@ -122,8 +123,12 @@ enum Failure {
 
 impl Handler for Webhooks {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let results: Vec<(Outcome, Option<AuditRecord>)> =
-            futures::future::join_all(batch.iter().map(|delivery| self.one(delivery))).await;
+        let results: Vec<(Outcome, Option<AuditRecord>)> = futures::future::join_all(
+            batch
+                .iter()
+                .map(|delivery| self.one(delivery).instrument(delivery.span.clone())),
+        )
+        .await;
         let audits: Vec<AuditRecord> = results.iter().filter_map(|r| r.1.clone()).collect();
         if let Err(error) = publish::publish_all(&self.js, self.auditor.message(&audits)).await {
             tracing::warn!(%error, "cannot publish webhook audit events");

@@ -39,7 +39,10 @@ async fn register(stack: &Stack, prefix: &str, count: i64) {
 fn acker(url: String, fails: fn(&str) -> bool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let client = async_nats::connect(url).await.unwrap();
-        let mut notifications = client.subscribe("devsync.out.*.desired").await.unwrap();
+        let mut notifications = client
+            .subscribe(devsync_types::subjects::DEVICE_DESIRED_ALL)
+            .await
+            .unwrap();
         let limit = Arc::new(Semaphore::new(256));
         while let Some(message) = notifications.next().await {
             let Some(id) = message.subject.split('.').nth(2) else {

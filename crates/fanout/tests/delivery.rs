@@ -303,3 +303,91 @@ async fn push_active_skips_sleeping_devices_which_pull_on_wake_up_and_pull_only_
     reconciler.stop().await;
     requestor.stop().await;
 }
+
+#[tokio::test]
+async fn one_request_id_and_one_trace_lead_from_the_device_report_to_the_fanout_delivery() {
+    // Trace ids exist where the services install their OpenTelemetry layer, as `main` does.
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let provider = devsync_runtime::telemetry::tracer_provider(
+        "test",
+        &devsync_runtime::ConfigSources::default(),
+    )
+    .unwrap();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test"))),
+    )
+    .unwrap();
+    let stack = Stack::start().await;
+    stack.register(&["t-1"]).await;
+    // The device has a desired state it does not run yet (not relayed: only the report acts).
+    stack
+        .sql(
+            r#"UPDATE devices SET desired = '{"mode": "eco"}' WHERE id = 't-1';
+               DELETE FROM desired_changes;"#,
+        )
+        .await;
+    let audit = stack.audit().await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    let reconciler = stack.reconciler("reconciler-1").await;
+    let fanout = stack.fanout(stack.fanout_settings("fanout-1")).await;
+    let device = stack.device("t-1").await;
+
+    // A report that leaves a delta: the reconciler asks the fan-out to push.
+    device
+        .report(&json!({"mode": "normal"}), true)
+        .await
+        .unwrap();
+    let request = "report:t-1:1";
+    let chain = wait_for(
+        DEADLINE,
+        "the chain up to the fan-out's delivery",
+        || async {
+            let rows = stack
+                .db
+                .pool
+                .get()
+                .await
+                .unwrap()
+                .query(
+                    "SELECT worker_id, stage, action, trace_id FROM audit_events
+                 WHERE request_id = $1 ORDER BY at, stage",
+                    &[&request],
+                )
+                .await
+                .unwrap();
+            let chain: Vec<(String, String, String, Option<String>)> = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            chain
+                .iter()
+                .any(|(_, _, action, _)| action == "push.delivered")
+                .then_some(chain)
+        },
+    )
+    .await;
+    let workers: Vec<&str> = chain.iter().map(|(w, _, _, _)| w.as_str()).collect();
+    for service in ["requestor/", "reconciler/", "fanout/"] {
+        assert!(
+            workers.iter().any(|w| w.starts_with(service)),
+            "{service} is in the chain: {chain:?}"
+        );
+    }
+    let traces: std::collections::BTreeSet<&str> = chain
+        .iter()
+        .filter_map(|(_, _, _, t)| t.as_deref())
+        .collect();
+    assert_eq!(traces.len(), 1, "one trace across the hops: {chain:?}");
+    assert_eq!(
+        chain.iter().filter(|(_, _, _, t)| t.is_some()).count(),
+        chain.len(),
+        "every event carries the trace id: {chain:?}"
+    );
+
+    fanout.stop().await;
+    reconciler.stop().await;
+    requestor.stop().await;
+    audit.stop().await;
+}

@@ -47,6 +47,9 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+/// The reconciler's rows in the shared outbox table.
+pub const OUTBOX_OWNER: &str = "reconciler";
+
 /// The stage a report emits when it brings a device into sync with its desired state.
 pub const STAGE_CONVERGED: &str = "converged";
 
@@ -399,7 +402,9 @@ impl Shared {
         }
         let mut out = Outputs::default();
         let mut acks: Vec<(String, i64, bool, String)> = Vec::new();
-        let mut pushes: BTreeMap<String, (RequestId, String, &'static str)> = BTreeMap::new();
+        // device -> (request, campaign, cause, index of the request's delivery in the batch)
+        let mut pushes: BTreeMap<String, (RequestId, String, &'static str, usize)> =
+            BTreeMap::new();
         let mut converged_before: HashMap<String, bool> = HashMap::new();
         let now = Utc::now();
         for request in requests {
@@ -488,7 +493,12 @@ impl Shared {
                     if delta.is_some() && row.applied < row.desired_version {
                         pushes.insert(
                             device_key.clone(),
-                            (request.request_id.clone(), String::new(), "report.delta"),
+                            (
+                                request.request_id.clone(),
+                                String::new(),
+                                "report.delta",
+                                request.index,
+                            ),
                         );
                     }
                 }
@@ -523,7 +533,12 @@ impl Shared {
                 Work::Push { cause, campaign } => {
                     pushes.insert(
                         device_key.clone(),
-                        (request.request_id.clone(), campaign.clone(), *cause),
+                        (
+                            request.request_id.clone(),
+                            campaign.clone(),
+                            *cause,
+                            request.index,
+                        ),
                     );
                 }
                 Work::Stage { stage, input } => {
@@ -571,10 +586,12 @@ impl Shared {
                 ));
             }
         }
-        for (device_key, (request_id, campaign, cause)) in &pushes {
+        for (device_key, (request_id, campaign, cause, index)) in &pushes {
             let row = &devices[device_key];
             let device = DeviceId::parse(device_key.clone()).expect("ids in the db are valid");
-            let span = tracing::info_span!("push", device_id = %device);
+            // The push continues the trace of the request that caused it.
+            let span =
+                tracing::info_span!(parent: &batch[*index].span, "push", device_id = %device);
             let _enter = span.enter();
             out.messages
                 .push(self.push_message(&device, row, request_id, campaign).await);
@@ -614,7 +631,7 @@ impl Shared {
             None
         } else {
             let key = format!("batch:{}", requests[0].request_id);
-            Some(devsync_runtime::outbox::insert(&tx, &key, &messages).await?)
+            Some(devsync_runtime::outbox::insert(&tx, OUTBOX_OWNER, &key, &messages).await?)
         };
         tx.commit().await?;
         Ok(Committed {

@@ -234,6 +234,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let sweeper = tokio::spawn(devsync_runtime::outbox::run(
         service.js.clone(),
         service.pool.clone(),
+        apply::OUTBOX_OWNER,
         settings.reconciler.outbox_sweep_every,
         settings.reconciler.outbox_age,
         shutdown.clone(),

@@ -6,8 +6,8 @@
 //!    `{"ids": [...]}`) is expanded page by page in id order into `campaign_devices`, each
 //!    page one statement and transaction, with the cursor stored in the campaign, so nothing
 //!    is ever held in memory and a restart resumes at the cursor. Each device's wave comes
-//!    from a stable hash of its id (`devsync_campaign_wave`), and devices seen recently get
-//!    priority.
+//!    from a stable hash of its id (`hashtext(id) mod 1000` against the waves' cumulative per
+//!    mille), so no total count is needed; devices seen recently get priority.
 //! 2. **Dispatch**, wave by wave. A batch of the current wave's pending devices (active first)
 //!    is, in one transaction: patched in `devices` (RFC 7386 merge in SQL; the triggers bump
 //!    the version and keep the history, and do not relay campaign changes one by one), marked
@@ -55,7 +55,8 @@ const EXPAND_LABELS: &str = "WITH page AS (
         FROM devices WHERE enabled AND id > $2 AND labels @> $6::jsonb ORDER BY id LIMIT $3
     ), added AS (
         INSERT INTO campaign_devices (campaign_id, device_id, wave, priority)
-        SELECT $1, id, devsync_campaign_wave(id, $4::jsonb), CASE WHEN active THEN 0 ELSE 1 END
+        SELECT $1, id, width_bucket(abs(hashtext(id)::int8) % 1000, $4::int4[]),
+            CASE WHEN active THEN 0 ELSE 1 END
         FROM page ON CONFLICT DO NOTHING RETURNING 1
     )
     SELECT (SELECT max(id) FROM page), (SELECT count(*) FROM page), (SELECT count(*) FROM added)";
@@ -65,26 +66,34 @@ const EXPAND_IDS: &str = "WITH page AS (
         FROM devices WHERE enabled AND id > $2 AND id = ANY($6::text[]) ORDER BY id LIMIT $3
     ), added AS (
         INSERT INTO campaign_devices (campaign_id, device_id, wave, priority)
-        SELECT $1, id, devsync_campaign_wave(id, $4::jsonb), CASE WHEN active THEN 0 ELSE 1 END
+        SELECT $1, id, width_bucket(abs(hashtext(id)::int8) % 1000, $4::int4[]),
+            CASE WHEN active THEN 0 ELSE 1 END
         FROM page ON CONFLICT DO NOTHING RETURNING 1
     )
     SELECT (SELECT max(id) FROM page), (SELECT count(*) FROM page), (SELECT count(*) FROM added)";
 
-const DISPATCH: &str = "WITH page AS (
-        SELECT device_id FROM campaign_devices
-        WHERE campaign_id = $1 AND status = 'pending' AND wave = $2
-        ORDER BY priority, device_id LIMIT $3 FOR UPDATE SKIP LOCKED
-    ), changed AS (
-        UPDATE devices d SET desired = devsync_merge_patch(d.desired, $4::jsonb)
-        FROM page WHERE d.id = page.device_id
-        RETURNING d.id, d.desired_version, d.applied_desired_version
-    )
-    UPDATE campaign_devices c SET
-        status = CASE WHEN ch.applied_desired_version >= ch.desired_version
-                      THEN 'converged' ELSE 'sent' END,
-        desired_version = ch.desired_version, sent_at = now(), updated_at = now()
-    FROM changed ch WHERE c.campaign_id = $1 AND c.device_id = ch.id
+// Dispatch, in three statements of one transaction, each an index lookup by id (a single
+// statement with CTEs lets the planner hash-join whole tables).
+const DISPATCH_PAGE: &str = "SELECT device_id FROM campaign_devices
+    WHERE campaign_id = $1 AND status = 'pending' AND wave = $2
+    ORDER BY priority, device_id LIMIT $3 FOR UPDATE SKIP LOCKED";
+
+// RFC 7386 in SQL; `||` when the patch is flat (no nested objects, no nulls), where the two
+// agree and `||` is much cheaper.
+const DISPATCH_PATCH: &str = "UPDATE devices SET desired = devsync_merge_patch(desired, $2::jsonb)
+    WHERE id = ANY($1) RETURNING id, desired_version, applied_desired_version";
+const DISPATCH_PATCH_FLAT: &str = "UPDATE devices SET desired = desired || $2::jsonb
+    WHERE id = ANY($1) RETURNING id, desired_version, applied_desired_version";
+
+const DISPATCH_MARK: &str = "UPDATE campaign_devices c SET
+        status = CASE WHEN u.applied >= u.version THEN 'converged' ELSE 'sent' END,
+        desired_version = u.version, sent_at = now(), updated_at = now()
+    FROM unnest($2::text[], $3::int8[], $4::int8[]) AS u(id, version, applied)
+    WHERE c.campaign_id = $1 AND c.device_id = ANY($2) AND c.device_id = u.id
     RETURNING c.device_id, c.status, c.priority";
+
+/// The requestor's rows in the shared outbox table.
+pub const OUTBOX_OWNER: &str = "requestor";
 
 /// What the driver read of its campaign.
 struct Campaign {
@@ -112,6 +121,10 @@ pub struct Driver {
     id: String,
     limiter: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
     last_check: Option<Instant>,
+    /// Outbox rows whose batch was published, deleted by the next transaction.
+    published: std::sync::Mutex<Vec<i64>>,
+    /// When `updated_at` (progress, for the expiry sweep) was last written.
+    touched: std::sync::Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -137,6 +150,8 @@ impl Driver {
             id,
             limiter: None,
             last_check: None,
+            published: std::sync::Mutex::default(),
+            touched: std::sync::Mutex::new(Instant::now()),
         }
     }
 
@@ -209,7 +224,7 @@ impl Driver {
             }
         }
         let allowance = self.allowance(&campaign).await?;
-        if allowance > 0 && self.dispatch(&campaign, allowance).await? > 0 {
+        if allowance > 0 && self.dispatch_parallel(&campaign, allowance).await? > 0 {
             return Ok(Step::Busy);
         }
         if allowance == 0 {
@@ -270,13 +285,29 @@ impl Driver {
         let page = self.settings.campaign_page * 5;
         let cursor = campaign.cursor.clone().unwrap_or_default();
         let window = self.settings.active_window.as_secs_f64();
+        // `width_bucket` over the wave boundaries below 1000 gives the wave of a hash in 0..1000.
+        let mut bounds: Vec<i32> = campaign
+            .waves
+            .as_array()
+            .map(|waves| {
+                waves
+                    .iter()
+                    .filter_map(Value::as_i64)
+                    .filter(|w| *w < 1000)
+                    .map(|w| w as i32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if bounds.is_empty() {
+            bounds.push(1000);
+        }
         let client = self.pool.get().await?;
         let row = if let Some(ids) = campaign.selector.get("ids") {
             let ids: Vec<String> = serde_json::from_value(ids.clone())?;
             client
                 .query_one(
                     EXPAND_IDS,
-                    &[&self.id, &cursor, &page, &campaign.waves, &window, &ids],
+                    &[&self.id, &cursor, &page, &bounds, &window, &ids],
                 )
                 .await?
         } else {
@@ -291,7 +322,7 @@ impl Driver {
             client
                 .query_one(
                     EXPAND_LABELS,
-                    &[&self.id, &cursor, &page, &campaign.waves, &window, &labels],
+                    &[&self.id, &cursor, &page, &bounds, &window, &labels],
                 )
                 .await?
         };
@@ -358,7 +389,42 @@ impl Driver {
         Ok(allowance)
     }
 
-    /// Dispatches up to `limit` pending devices of the current wave; returns how many.
+    /// Dispatches up to `allowance` devices: without a rate limit in `campaign_parallelism`
+    /// concurrent transactions (they skip each other's rows), so commit latency overlaps with
+    /// work; returns how many it took off the pending list.
+    async fn dispatch_parallel(
+        &self,
+        campaign: &Campaign,
+        allowance: i64,
+    ) -> anyhow::Result<usize> {
+        let parts = if campaign.rate.is_none() {
+            self.settings.campaign_parallelism.max(1)
+        } else {
+            1
+        };
+        let share = (allowance / parts as i64).max(1);
+        let results =
+            futures::future::join_all((0..parts).map(|_| self.dispatch(campaign, share))).await;
+        let mut total = 0;
+        for result in results {
+            total += result?;
+        }
+        if total > 0 && self.touched.lock().expect("lock").elapsed() >= Duration::from_secs(1) {
+            *self.touched.lock().expect("lock") = Instant::now();
+            self.pool
+                .get()
+                .await?
+                .execute(
+                    "UPDATE campaigns SET updated_at = now() WHERE id = $1",
+                    &[&self.id],
+                )
+                .await?;
+        }
+        Ok(total)
+    }
+
+    /// Dispatches up to `limit` pending devices of the current wave; returns how many it took
+    /// off the pending list.
     async fn dispatch(&self, campaign: &Campaign, limit: i64) -> anyhow::Result<usize> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -367,14 +433,44 @@ impl Driver {
             &[&format!("campaign:{}", self.id)],
         )
         .await?;
-        let rows = tx
+        let page: Vec<String> = tx
+            .query(DISPATCH_PAGE, &[&self.id, &campaign.wave, &limit])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if page.is_empty() {
+            return Ok(0);
+        }
+        let flat = campaign
+            .patch
+            .as_object()
+            .is_some_and(|patch| patch.values().all(|v| !v.is_object() && !v.is_null()));
+        let patched = tx
             .query(
-                DISPATCH,
-                &[&self.id, &campaign.wave, &limit, &campaign.patch],
+                if flat {
+                    DISPATCH_PATCH_FLAT
+                } else {
+                    DISPATCH_PATCH
+                },
+                &[&page, &campaign.patch],
             )
             .await?;
-        if rows.is_empty() {
-            return Ok(0);
+        let ids: Vec<String> = patched.iter().map(|r| r.get(0)).collect();
+        let versions: Vec<i64> = patched.iter().map(|r| r.get(1)).collect();
+        let applied: Vec<i64> = patched.iter().map(|r| r.get(2)).collect();
+        let rows = tx
+            .query(DISPATCH_MARK, &[&self.id, &ids, &versions, &applied])
+            .await?;
+        if ids.len() < page.len() {
+            // Devices deleted since the expansion: nothing to deliver.
+            tx.execute(
+                "UPDATE campaign_devices SET status = 'skipped', error = 'device no longer exists',
+                     updated_at = now()
+                 WHERE campaign_id = $1 AND device_id = ANY($2) AND status = 'pending'",
+                &[&self.id, &page],
+            )
+            .await?;
         }
         let mut sent: Vec<(i16, String)> = rows
             .iter()
@@ -384,15 +480,8 @@ impl Driver {
         sent.sort();
         let mut outbox_id = None;
         let mut messages = Vec::new();
-        if !sent.is_empty() {
-            let batch: i64 = tx
-                .query_one(
-                    "UPDATE campaigns SET batches = batches + 1, updated_at = now()
-                     WHERE id = $1 RETURNING batches",
-                    &[&self.id],
-                )
-                .await?
-                .get(0);
+        if let Some((_, first)) = sent.first() {
+            let msg_id = format!("campaign:{}:{first}", self.id);
             let message = CampaignBatch {
                 campaign_id: self.id.clone(),
                 wave: campaign.wave.max(0) as u32,
@@ -401,33 +490,39 @@ impl Driver {
                     PushPolicy::PushActive => pb::PushPolicy::PushActive,
                     PushPolicy::PullOnly => pb::PushPolicy::PullOnly,
                 } as i32,
-                batch: batch as u64,
                 device_ids: sent.into_iter().map(|(_, id)| id).collect(),
             };
             let mut headers = async_nats::HeaderMap::new();
             telemetry::inject(&mut headers);
             messages.push(Outgoing {
                 subject: subjects::fanout_wave(&CampaignId::parse(self.id.clone())?),
-                msg_id: format!("campaign:{}:{batch}", self.id),
+                msg_id,
                 payload: message.encode_to_vec().into(),
                 headers: Some(headers),
             });
-            outbox_id =
-                Some(outbox::insert(&tx, &format!("campaign:{}", self.id), &messages).await?);
-        } else {
-            tx.execute(
-                "UPDATE campaigns SET updated_at = now() WHERE id = $1",
-                &[&self.id],
-            )
-            .await?;
+            outbox_id = Some(
+                outbox::insert(
+                    &tx,
+                    OUTBOX_OWNER,
+                    &format!("campaign:{}", self.id),
+                    &messages,
+                )
+                .await?,
+            );
+        }
+        // Outbox rows of batches already published go with this transaction's commit.
+        let published: Vec<i64> = std::mem::take(&mut *self.published.lock().expect("lock"));
+        if !published.is_empty() {
+            tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&published])
+                .await?;
         }
         tx.commit().await?;
         if let Some(id) = outbox_id {
             // After commit: if this fails, the outbox sweeper publishes the batch.
             publish::publish_all(&self.js, messages).await?;
-            outbox::delete(&self.pool, id).await?;
+            self.published.lock().expect("lock").push(id);
         }
-        Ok(rows.len())
+        Ok(page.len())
     }
 
     async fn abort_reason(&self, campaign: &Campaign) -> anyhow::Result<Option<String>> {

@@ -133,6 +133,7 @@ pub struct Ingress {
     js: async_nats::jetstream::Context,
     pool: Pool,
     auditor: Auditor,
+    audits: devsync_runtime::audit::Sink,
     settings: RequestorSettings,
     registry: Registry,
     limiter: DefaultKeyedRateLimiter<DeviceId>,
@@ -160,6 +161,7 @@ impl Ingress {
         settings: RequestorSettings,
         checkins: Checkins,
         metrics: Metrics,
+        audits: devsync_runtime::audit::Sink,
     ) -> Self {
         let quota = Quota::per_second(non_zero(settings.rate_per_device))
             .allow_burst(non_zero(settings.burst_per_device));
@@ -170,6 +172,7 @@ impl Ingress {
             js: service.js.clone(),
             pool: service.pool.clone(),
             auditor: service.auditor.clone(),
+            audits,
             registry: Registry::new(
                 service.pool.clone(),
                 settings.device_cache_capacity,
@@ -469,11 +472,26 @@ impl Ingress {
             payload: request.encode_to_vec().into(),
             headers: Some(headers),
         };
+        let action = match &request.kind {
+            Some(sync_request::Kind::Report(_)) => "report.accepted",
+            Some(sync_request::Kind::Ack(_)) => "ack.accepted",
+            _ => "request.accepted",
+        };
         let ack = publish::send(&self.js, outgoing)
             .await
             .map_err(|e| unavailable(e.to_string()))?
             .await
             .map_err(|e| unavailable(format!("request not stored: {e}")))?;
+        // The first link of the request's chain: the device message, durable.
+        self.audit(self.auditor.record(
+            Utc::now(),
+            Some(device),
+            Some(&request_id),
+            "ingress",
+            action,
+            AuditOutcome::Ok,
+            json!({"duplicate": ack.duplicate, "stream_sequence": ack.sequence}),
+        ));
         Ok(Answer::Accepted(Accepted {
             request_id: request_id.to_string(),
             duplicate: ack.duplicate,
@@ -481,15 +499,7 @@ impl Ingress {
     }
 
     fn audit(&self, record: devsync_types::AuditRecord) {
-        let js = self.js.clone();
-        let Some(message) = self.auditor.message(std::slice::from_ref(&record)) else {
-            return;
-        };
-        tokio::spawn(async move {
-            if let Err(error) = publish::publish_all(&js, [message]).await {
-                tracing::warn!(%error, "cannot publish audit event");
-            }
-        });
+        self.audits.record(record);
     }
 
     async fn refuse(

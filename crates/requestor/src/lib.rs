@@ -26,8 +26,7 @@
 //! requestor, a flooding device is refused before it costs any storage, and a device that wants
 //! confirmation still gets it only once the request is durable. A fire-and-forget publish while
 //! no requestor runs is lost, which is what fire-and-forget means; the device client uses
-//! request/reply and retries. `DEVSYNC_IN` stays declared for deployments that prefer to
-//! capture device traffic in a stream.
+//! request/reply and retries.
 
 pub mod campaigns;
 pub mod checkins;
@@ -194,12 +193,20 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         &format!("{}-refresh", service.worker_id),
     )
     .await?;
+    // Ingress audit events are flushed after the ingress drained (its own token).
+    let audit_stop = Shutdown::new();
+    let (audits, audit_task) = devsync_runtime::audit::Sink::spawn(
+        service.js.clone(),
+        service.auditor.clone(),
+        audit_stop.clone(),
+    );
     let ingress = Arc::new(ingress::Ingress::new(
         &service,
         refresh_client,
         settings.requestor.clone(),
         checkins.clone(),
         ingress_metrics,
+        audits,
     ));
     let subscription = ingress.subscribe().await?;
     let sweeper = tokio::spawn(worker::run(
@@ -225,6 +232,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let outbox = tokio::spawn(devsync_runtime::outbox::run(
         service.js.clone(),
         service.pool.clone(),
+        campaigns::OUTBOX_OWNER,
         Duration::from_secs(2),
         Duration::from_secs(5),
         shutdown.clone(),
@@ -249,6 +257,8 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let task = tokio::spawn(async move {
         ingress.serve(subscription, shutdown.clone()).await;
         ingress.drain(drain).await;
+        audit_stop.cancel();
+        let _ = audit_task.await;
         checkins.flush().await;
         let _ = sweeper.await;
         let _ = relay.await;

@@ -61,6 +61,8 @@ pub struct SchedulerSettings {
     pub campaign_tick: Duration,
     /// Most devices per campaign batch (one transaction, one fan-out message).
     pub campaign_page: i64,
+    /// Concurrent dispatch transactions of a campaign without a rate limit.
+    pub campaign_parallelism: usize,
     /// Devices seen within this window are dispatched first by campaigns.
     #[serde(with = "humantime_serde")]
     pub active_window: Duration,
@@ -76,6 +78,7 @@ impl Default for SchedulerSettings {
             campaign_expiry: Duration::from_secs(7 * 24 * 3600),
             campaign_tick: Duration::from_millis(200),
             campaign_page: 1000,
+            campaign_parallelism: 2,
             active_window: Duration::from_secs(15 * 60),
         }
     }

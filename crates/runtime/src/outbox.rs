@@ -17,16 +17,19 @@ use crate::Shutdown;
 use crate::publish::{self, Outgoing};
 
 const CLAIM: &str = "SELECT id, payload FROM outbox
-    WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
+    WHERE owner = $2 AND published_at IS NULL AND created_at < now() - make_interval(secs => $1)
     ORDER BY id LIMIT 50 FOR UPDATE SKIP LOCKED";
 
-const INSERT: &str =
-    "INSERT INTO outbox (subject, msg_id, payload) VALUES ('batch', $1, $2) RETURNING id";
+const INSERT: &str = "INSERT INTO outbox (owner, subject, msg_id, payload)
+    VALUES ($1, 'batch', $2, $3) RETURNING id";
 
-/// Stores `messages` in the outbox inside `tx`; returns the row id to [`delete`] after they
-/// were published. `key` names the row for inspection (it is not a message id).
+/// Stores `messages` in the outbox inside `tx`, as `owner`'s (only `owner`'s sweeper
+/// republishes them: a service may publish only its own subjects); returns the row id to
+/// [`delete`] after they were published. `key` names the row for inspection (it is not a
+/// message id).
 pub async fn insert(
     tx: &deadpool_postgres::Transaction<'_>,
+    owner: &str,
     key: &str,
     messages: &[Outgoing],
 ) -> Result<i64, tokio_postgres::Error> {
@@ -35,7 +38,7 @@ pub async fn insert(
     };
     let statement = tx.prepare_cached(INSERT).await?;
     let row = tx
-        .query_one(&statement, &[&key, &batch.encode_to_vec()])
+        .query_one(&statement, &[&owner, &key, &batch.encode_to_vec()])
         .await?;
     Ok(row.get(0))
 }
@@ -49,10 +52,11 @@ pub async fn delete(pool: &Pool, id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sweeps every `every` until `shutdown`.
+/// Sweeps `owner`'s rows every `every` until `shutdown`.
 pub async fn run(
     js: async_nats::jetstream::Context,
     pool: Pool,
+    owner: &'static str,
     every: Duration,
     age: Duration,
     shutdown: Shutdown,
@@ -63,7 +67,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        match sweep(&js, &pool, age).await {
+        match sweep(&js, &pool, owner, age).await {
             Ok(0) => {}
             Ok(count) => tracing::info!(rows = count, "published outbox leftovers"),
             Err(error) => tracing::warn!(%error, "outbox sweep failed"),
@@ -71,15 +75,16 @@ pub async fn run(
     }
 }
 
-/// One sweep; returns how many rows were published.
+/// One sweep of `owner`'s rows; returns how many were published.
 pub async fn sweep(
     js: &async_nats::jetstream::Context,
     pool: &Pool,
+    owner: &str,
     age: Duration,
 ) -> anyhow::Result<usize> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let rows = tx.query(CLAIM, &[&age.as_secs_f64()]).await?;
+    let rows = tx.query(CLAIM, &[&age.as_secs_f64(), &owner]).await?;
     let mut ids = Vec::with_capacity(rows.len());
     for row in &rows {
         let id: i64 = row.get(0);

@@ -3,6 +3,11 @@
 -- Devices not seen for a while are marked inactive by a sweep; any sign of life clears it.
 ALTER TABLE devices ADD COLUMN active boolean NOT NULL DEFAULT true;
 
+-- Device rows are updated all the time (desired by admins and campaigns, reported by the
+-- reconciler): room on each page keeps updates that change no indexed column HOT (no index
+-- writes, no GIN insert for the labels).
+ALTER TABLE devices SET (fillfactor = 80);
+
 -- RFC 7386 JSON merge patch, set-based, for campaigns: `null` removes a member, objects merge
 -- recursively, anything else replaces.
 CREATE FUNCTION devsync_merge_patch(target jsonb, patch jsonb) RETURNS jsonb
@@ -74,8 +79,6 @@ END $$;
 ALTER TABLE campaigns
     ADD COLUMN expanded boolean NOT NULL DEFAULT false,
     ADD COLUMN targeted bigint NOT NULL DEFAULT 0,
-    -- Batches handed to the fan-out so far (the next batch's message id).
-    ADD COLUMN batches bigint NOT NULL DEFAULT 0,
     -- When the current wave had every device dispatched.
     ADD COLUMN wave_dispatched_at timestamptz,
     -- How long a dispatched wave waits for its devices to acknowledge before the next starts.
@@ -83,24 +86,21 @@ ALTER TABLE campaigns
     ADD COLUMN started_at timestamptz,
     ADD COLUMN finished_at timestamptz;
 
--- The wave of a campaign's device: waves are cumulative shares in per mille (e.g.
--- [1, 100, 500, 1000]); a stable hash of the id places each device, so expansion needs no
--- total count and a device keeps its wave however often the selector is expanded.
-CREATE FUNCTION devsync_campaign_wave(device text, waves jsonb) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(min(w.i)::integer - 1, jsonb_array_length(waves) - 1)
-    FROM jsonb_array_elements_text(waves) WITH ORDINALITY AS w(per_mille, i)
-    WHERE (abs(hashtext(device)::bigint) % 1000) < w.per_mille::integer
-$$;
-
 -- Active devices (seen recently when the campaign was expanded) are dispatched first.
 ALTER TABLE campaign_devices
     ADD COLUMN priority smallint NOT NULL DEFAULT 1,
     ADD COLUMN sent_at timestamptz;
 DROP INDEX campaign_devices_wave;
+-- (campaign_id, status) is the dispatch index's prefix.
+DROP INDEX campaign_devices_status;
 CREATE INDEX campaign_devices_dispatch
     ON campaign_devices (campaign_id, status, wave, priority, device_id);
 CREATE INDEX campaign_devices_device ON campaign_devices (device_id, status);
+
+-- Each service sweeps only its own outbox rows (it may publish only its own subjects).
+ALTER TABLE outbox ADD COLUMN owner text NOT NULL DEFAULT '';
+DROP INDEX outbox_unpublished;
+CREATE INDEX outbox_unpublished ON outbox (owner, id) WHERE published_at IS NULL;
 
 -- Every run of a scheduled sweep, by whichever requestor replica held the lease.
 CREATE TABLE sweep_runs (

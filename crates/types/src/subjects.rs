@@ -174,6 +174,9 @@ pub fn device_desired(device: &DeviceId) -> String {
     format!("devsync.out.{device}.desired")
 }
 
+/// Every device's desired-state notifications (for monitoring; a device reads only its own).
+pub const DEVICE_DESIRED_ALL: &str = "devsync.out.*.desired";
+
 /// The inbox prefix a device uses for request/reply, so no device can read another's replies.
 pub fn device_inbox_prefix(device: &DeviceId) -> String {
     format!("devsync.inbox.{device}")

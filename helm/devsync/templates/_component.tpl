@@ -4,17 +4,21 @@ optionally a HorizontalPodAutoscaler or a KEDA ScaledObject. Each service's own 
 (requestor.yaml, reconciler.yaml, fanout.yaml, audit.yaml) calls it with:
 
   (dict "root" $ "name" "<service>" "stream" "<stream it consumes>"
-        "consumer" "<its durable consumer>"         for a service with one consumer, or
-        "partitioned" true                           for the reconciler (reconcile-<lane>-<k>))
+        "consumer" "<the durable consumer KEDA measures>"   for a service scaled on one consumer,
+        "partitioned" true                 for the reconciler (reconcile-<lane>-<k>), or neither
+                                           for a service without KEDA (the requestor: no
+                                           `keda` values at all))
 
 The binary is /usr/local/bin/devsync-<service>; it serves /healthz, /readyz and /metrics on 8080.
+Its own settings come from devsync.serviceSettings.
 */}}
 {{- define "devsync.component" -}}
 {{- $root := .root }}
 {{- $name := .name }}
 {{- $c := index $root.Values $name }}
 {{- $fullname := include "devsync.componentName" . }}
-{{- $autoscaled := or $c.hpa.enabled $c.keda.enabled }}
+{{- $keda := default (dict "enabled" false) $c.keda }}
+{{- $autoscaled := or $c.hpa.enabled $keda.enabled }}
 {{- $partitions := int $root.Values.config.partitions }}
 apiVersion: apps/v1
 kind: Deployment
@@ -86,7 +90,7 @@ spec:
               containerPort: 8080
               protocol: TCP
           env:
-            {{- include "devsync.env" (dict "root" $root "identity" $name "env" $c.env) | nindent 12 }}
+            {{- include "devsync.env" (dict "root" $root "identity" $name "env" $c.env "settings" (include "devsync.serviceSettings" . | fromYaml)) | nindent 12 }}
           startupProbe:
             httpGet:
               path: /healthz
@@ -201,8 +205,8 @@ spec:
           averageUtilization: {{ $c.hpa.targetMemoryUtilizationPercentage }}
     {{- end }}
 {{- end }}
-{{- if $c.keda.enabled }}
-{{- $k := $c.keda }}
+{{- if $keda.enabled }}
+{{- $k := $keda }}
 {{- $g := $root.Values.keda }}
 {{- $max := int $k.maxReplicaCount }}
 {{- if .partitioned }}
@@ -262,6 +266,9 @@ spec:
   {{- else }}
   triggers:
     # Pending + unacknowledged messages of the consumer {{ .consumer }} on {{ .stream }}.
+    {{- with .note }}
+    # {{ . }}
+    {{- end }}
     - type: nats-jetstream
       name: {{ .consumer }}-lag
       metadata:

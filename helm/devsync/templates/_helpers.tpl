@@ -124,12 +124,14 @@ securityContext:
 {{- end }}
 
 {{/*
-Environment of a devsync container. Call with (dict "root" $ "identity" "requestor" "env" <map>).
+Environment of a devsync container. Call with
+(dict "root" $ "identity" "requestor" "env" <map> "settings" <map>).
 `identity` names the NATS credentials to use: the service's own name, or "admin" for devsyncctl
 (the migrate hook and the helm test). Services only verify the topology at start
 (DEVSYNC_TOPOLOGY__DECLARE_ON_START=false): their NATS users may not create streams, and the
-hook's `devsyncctl bootstrap` declares it. Plain settings are sorted by name; the component's env
-wins over config.env, which wins over the chart's. Credentials only ever come from secretKeyRef.
+hook's `devsyncctl bootstrap` declares it. `settings` are the service's own settings from its
+values (devsync.serviceSettings). Plain settings are sorted by name; the component's env wins
+over config.env, which wins over the chart's. Credentials only ever come from secretKeyRef.
 */}}
 {{- define "devsync.env" -}}
 {{- $root := .root }}
@@ -149,7 +151,7 @@ wins over config.env, which wins over the chart's. Credentials only ever come fr
 {{- $_ := set $settings "OTEL_EXPORTER_OTLP_ENDPOINT" . }}
 {{- $_ := set $settings "OTEL_SERVICE_NAME" (printf "devsync-%s" $.identity) }}
 {{- end }}
-{{- $settings = mustMergeOverwrite $settings (default (dict) $v.config.env) (default (dict) .env) -}}
+{{- $settings = mustMergeOverwrite $settings (default (dict) .settings) (default (dict) $v.config.env) (default (dict) .env) -}}
 - name: DEVSYNC_INSTANCE
   valueFrom:
     fieldRef:
@@ -178,6 +180,38 @@ wins over config.env, which wins over the chart's. Credentials only ever come fr
 - name: DEVSYNC_NATS__CREDS_FILE
   value: {{ printf "/etc/devsync/nats/%s.creds" .identity | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+The settings of one service that the chart renders from its values, as a YAML map of environment
+variables (DEVSYNC_<SERVICE>__<KEY>, upper case; durations as written, e.g. "30s"). Call with
+(dict "root" $ "name" "<service>").
+*/}}
+{{- define "devsync.serviceSettings" -}}
+{{- $v := .root.Values }}
+{{- $s := dict }}
+{{- if eq .name "requestor" }}
+{{- with $v.requestor.scheduler }}
+{{- $_ := set $s "DEVSYNC_REQUESTOR__SCHEDULER__SWEEP_EVERY" .sweepEvery }}
+{{- $_ := set $s "DEVSYNC_REQUESTOR__SCHEDULER__DRIFT_AFTER" .driftAfter }}
+{{- $_ := set $s "DEVSYNC_REQUESTOR__SCHEDULER__INACTIVE_AFTER" .inactiveAfter }}
+{{- $_ := set $s "DEVSYNC_REQUESTOR__SCHEDULER__CAMPAIGN_EXPIRY" .campaignExpiry }}
+{{- end }}
+{{- $_ := set $s "DEVSYNC_REQUESTOR__SCHEDULER__ACTIVE_WINDOW" $v.config.activeWindow }}
+{{- else if eq .name "reconciler" }}
+{{- $_ := set $s "DEVSYNC_RECONCILER__ACTIVE_WINDOW" $v.config.activeWindow }}
+{{- else if eq .name "fanout" }}
+{{- $_ := set $s "DEVSYNC_FANOUT__DEFAULT_POLICY" $v.fanout.defaultPushPolicy }}
+{{- $_ := set $s "DEVSYNC_FANOUT__ACTIVE_WINDOW" $v.config.activeWindow }}
+{{- with $v.fanout.webhooks }}
+{{- $_ := set $s "DEVSYNC_FANOUT__WEBHOOK_TIMEOUT" .timeout }}
+{{- $_ := set $s "DEVSYNC_FANOUT__WEBHOOK_ATTEMPTS" (toString (int .attempts)) }}
+{{- $_ := set $s "DEVSYNC_FANOUT__WEBHOOK_WORKERS" (toString (int .workers)) }}
+{{- $_ := set $s "DEVSYNC_FANOUT__BREAKER_FAILURES" (toString (int .breakerFailures)) }}
+{{- $_ := set $s "DEVSYNC_FANOUT__BREAKER_OPEN" .breakerOpen }}
+{{- end }}
+{{- end }}
+{{- toYaml $s }}
 {{- end }}
 
 {{/* Volume mounts of a devsync container. Call with (dict "root" $ "identity" "x"). */}}
@@ -233,13 +267,14 @@ naming the value to change.
 {{- if le (int $c.terminationGracePeriodSeconds) $needed }}
 {{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be greater than %s.preStopSleepSeconds + config.drainTimeoutSeconds (%d)" $name (int $c.terminationGracePeriodSeconds) $name $needed) }}
 {{- end }}
-{{- if and $c.hpa.enabled $c.keda.enabled }}
+{{- $keda := default (dict) $c.keda }}
+{{- if and $c.hpa.enabled $keda.enabled }}
 {{- fail (printf "%s: hpa.enabled and keda.enabled are exclusive (KEDA creates its own HPA)" $name) }}
 {{- end }}
 {{- if gt (int $c.hpa.minReplicas) (int $c.hpa.maxReplicas) }}
 {{- fail (printf "%s.hpa.minReplicas must not exceed %s.hpa.maxReplicas" $name $name) }}
 {{- end }}
-{{- if gt (int $c.keda.minReplicaCount) (int $c.keda.maxReplicaCount) }}
+{{- if and $keda (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
 {{- fail (printf "%s.keda.minReplicaCount must not exceed %s.keda.maxReplicaCount" $name $name) }}
 {{- end }}
 {{- end }}
@@ -252,6 +287,10 @@ naming the value to change.
 {{- end }}
 {{- if gt (int .Values.reconciler.replicaCount) (int .Values.config.partitions) }}
 {{- fail (printf "reconciler.replicaCount (%d) must not exceed config.partitions (%d): a replica without a partition owns nothing" (int .Values.reconciler.replicaCount) (int .Values.config.partitions)) }}
+{{- end }}
+{{- $maxDeliver := int (index (mustMergeOverwrite (dict "DEVSYNC_TOPOLOGY__MAX_DELIVER" 10) (default (dict) .Values.config.env) (default (dict) .Values.fanout.env)) "DEVSYNC_TOPOLOGY__MAX_DELIVER") }}
+{{- if gt (int .Values.fanout.webhooks.attempts) $maxDeliver }}
+{{- fail (printf "fanout.webhooks.attempts (%d) must not exceed the consumers' max deliveries (%d, DEVSYNC_TOPOLOGY__MAX_DELIVER): the last attempt is what dead-letters a task" (int .Values.fanout.webhooks.attempts) $maxDeliver) }}
 {{- end }}
 {{- if and (ne .Values.nats.auth.type "none") (not .Values.nats.auth.existingSecret) }}
 {{- fail "nats.auth.existingSecret is required unless nats.auth.type is none" }}

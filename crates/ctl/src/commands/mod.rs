@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bootstrap;
+pub mod campaign;
 pub mod devices;
 pub mod migrate;
 pub mod smoke;

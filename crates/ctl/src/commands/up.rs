@@ -8,11 +8,14 @@ use std::path::Path;
 
 use anyhow::Context;
 use devsync_localstack::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions, port_is_free};
+use devsync_proto::Message as _;
 use devsync_runtime::config::{ConfigSources, Secret};
 use devsync_runtime::topology::Topology;
 use devsync_runtime::{CommonSettings, shutdown};
-use devsync_types::names;
-use std::sync::atomic::Ordering;
+use devsync_types::{names, subjects};
+use futures::StreamExt as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cli::UpArgs;
 use crate::commands::bootstrap::print_report;
@@ -158,6 +161,7 @@ pub async fn run(
 struct Services {
     requestor: devsync_requestor::Running,
     reconciler: devsync_reconciler::Running,
+    fanout: devsync_fanout::Running,
     audit: devsync_audit::Running,
     fleet: Option<devsync_sim::Fleet>,
     token: devsync_runtime::Shutdown,
@@ -193,6 +197,15 @@ impl Services {
         )
         .await
         .context("start reconciler")?;
+        let fanout = devsync_fanout::start(
+            devsync_fanout::Settings {
+                common: local("fanout-local"),
+                fanout: Default::default(),
+            },
+            token.clone(),
+        )
+        .await
+        .context("start fan-out")?;
         let audit = devsync_audit::start(
             devsync_audit::Settings {
                 common: local("audit-local"),
@@ -203,8 +216,8 @@ impl Services {
         .await
         .context("start audit")?;
         println!(
-            "services:  requestor http://{}/metrics, reconciler http://{}/metrics, audit http://{}/v1/audit",
-            requestor.http_addr, reconciler.http_addr, audit.http_addr
+            "services:  requestor http://{}/metrics, reconciler http://{}/metrics, fan-out http://{}/metrics, audit http://{}/v1/audit",
+            requestor.http_addr, reconciler.http_addr, fanout.http_addr, audit.http_addr
         );
         let fleet = if args.devices > 0 {
             devsync_sim::register(settings.database.url.expose(), args.devices).await?;
@@ -229,6 +242,7 @@ impl Services {
         Ok(Self {
             requestor,
             reconciler,
+            fanout,
             audit,
             fleet,
             token,
@@ -243,10 +257,22 @@ impl Services {
             stop.cancelled().await;
             return;
         };
-        let js = async_nats::jetstream::new(client);
+        let js = async_nats::jetstream::new(client.clone());
         let pool = devsync_store::pool(stack.settings.database.url.expose(), 1).ok();
+        // Pushes delivered over NATS: every desired-state notification to any device.
+        let pushes = Arc::new(AtomicU64::new(0));
+        if let Ok(mut notifications) = client.subscribe(subjects::DEVICE_DESIRED_ALL).await {
+            let pushes = pushes.clone();
+            tokio::spawn(async move {
+                while notifications.next().await.is_some() {
+                    pushes.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
         let mut ticker = tokio::time::interval(std::time::Duration::from_secs(2));
         let mut last_reports = 0u64;
+        let mut last_pushes = 0u64;
+        let mut last_error: Option<String> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -288,10 +314,19 @@ impl Services {
             };
             let rate = (reports - last_reports) / 2;
             last_reports = reports;
+            let pushed = pushes.load(Ordering::Relaxed);
+            let push_rate = (pushed - last_pushes) / 2;
+            last_pushes = pushed;
             println!(
-                "devices awake {awake}/{size} | reports/s {rate} | queued {} | converged {converged} | device errors {errors}",
+                "devices awake {awake}/{size} | reports/s {rate} | pushes/s {push_rate} | queued {} | converged {converged} | device errors {errors}",
                 depth.join(" ")
             );
+            if let Some(error) = last_dead_letter(&js).await
+                && last_error.as_ref() != Some(&error)
+            {
+                println!("last error: {error}");
+                last_error = Some(error);
+            }
         }
     }
 
@@ -302,6 +337,22 @@ impl Services {
         self.token.cancel();
         let _ = self.requestor.wait().await;
         let _ = self.reconciler.wait().await;
+        let _ = self.fanout.wait().await;
         let _ = self.audit.wait().await;
     }
+}
+
+/// The newest dead letter, as "<stream> seq <n>: <error>", if there is one.
+async fn last_dead_letter(js: &async_nats::jetstream::Context) -> Option<String> {
+    let mut stream = js.get_stream(names::STREAM_DLQ).await.ok()?;
+    let last = stream.info().await.ok()?.state.last_sequence;
+    if last == 0 {
+        return None;
+    }
+    let message = stream.get_raw_message(last).await.ok()?;
+    let letter = devsync_proto::v1::DeadLetter::decode(message.payload).ok()?;
+    Some(format!(
+        "{} seq {}: {}",
+        letter.stream, letter.stream_sequence, letter.error
+    ))
 }
