@@ -116,20 +116,24 @@ async fn a_sql_edit_reaches_the_device_also_when_made_while_the_requestor_was_do
         (held.desired_version == 2).then_some(())
     })
     .await;
-    let cursor: i64 = stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT last_id FROM relay_cursors WHERE name = 'desired_changes'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(cursor, 2, "the relay's cursor is persisted");
+    // The relay commits its cursor after publishing: it reaches the second change.
+    wait_for(DEADLINE, "the relay's cursor persisted", || async {
+        let cursor: i64 = stack
+            .db
+            .pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT last_id FROM relay_cursors WHERE name = 'desired_changes'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (cursor == 2).then_some(())
+    })
+    .await;
 
     fanout.stop().await;
     reconciler.stop().await;

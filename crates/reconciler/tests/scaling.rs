@@ -1,0 +1,179 @@
+//! Scaling as an SRE does it, with reconciler replicas as separate processes: 1, then 3, then
+//! 2 (one killed) under a continuous load. Membership follows within seconds, reports keep
+//! being applied through every change, and in the end every device has every report applied
+//! exactly once.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{PARTITIONS, Stack};
+use devsync_testkit::wait_for;
+use devsync_types::names;
+use futures::TryStreamExt as _;
+use serde_json::json;
+
+const DEVICES: usize = 100;
+
+fn replica(stack: &Stack, instance: &str) -> Child {
+    let common = stack.common(instance);
+    Command::new(env!("CARGO_BIN_EXE_devsync-reconciler"))
+        .env("DEVSYNC_NATS__URL", &common.nats.url)
+        .env("DEVSYNC_DATABASE__URL", common.database.url.expose())
+        .env("DEVSYNC_INSTANCE", instance)
+        .env("DEVSYNC_HTTP__LISTEN", "127.0.0.1:0")
+        .env("DEVSYNC_TOPOLOGY__PARTITIONS", PARTITIONS.to_string())
+        .env("DEVSYNC_TOPOLOGY__MEMBER_TTL", "2s")
+        .env("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s")
+        .env("DEVSYNC_TOPOLOGY__ACK_WAIT", "5s")
+        .env("DEVSYNC_WORKER__PULL_EXPIRES", "1s")
+        .env("DEVSYNC_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn members(stack: &Stack) -> usize {
+    let kv = stack.js.get_key_value(names::KV_MEMBERS).await.unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+    keys.iter().filter(|k| k.starts_with("reconciler.")).count()
+}
+
+/// The lowest reported version over all devices (every device has at least this many of its
+/// reports applied).
+async fn lowest_applied(stack: &Stack) -> i64 {
+    stack
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT coalesce(min(reported_version), 0) FROM devices",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until every device has a report applied that was sent after now.
+async fn progresses(stack: &Stack, sent: &AtomicI64, what: &str) -> Duration {
+    let started = Instant::now();
+    let target = sent.load(Ordering::SeqCst) + 1;
+    wait_for(Duration::from_secs(30), what, || async {
+        (lowest_applied(stack).await >= target).then_some(())
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn one_then_three_then_two_replicas_under_load_lose_and_repeat_nothing() {
+    let stack = Stack::start().await;
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("scale-{i:03}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    stack.register(&refs).await;
+    stack.declare().await;
+    let mut settings = stack.requestor_settings();
+    settings.requestor.rate_per_device = 1000;
+    settings.requestor.burst_per_device = 1000;
+    let requestor = stack.requestor(settings).await;
+    let devices = Arc::new(futures::future::join_all(ids.iter().map(|id| stack.device(id))).await);
+
+    // Load: every device reports round after round until stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicI64::new(0));
+    let load = tokio::spawn({
+        let (devices, stop, rounds) = (devices.clone(), stop.clone(), rounds.clone());
+        async move {
+            let mut round = 0;
+            while !stop.load(Ordering::SeqCst) {
+                round += 1;
+                let state = json!({"round": round});
+                futures::future::join_all(devices.iter().map(|d| d.report(&state, true)))
+                    .await
+                    .into_iter()
+                    .for_each(|r| {
+                        r.expect("every report is accepted");
+                    });
+                rounds.store(round, Ordering::SeqCst);
+            }
+        }
+    });
+
+    let mut r1 = replica(&stack, "scale-1");
+    wait_for(Duration::from_secs(15), "one member", || async {
+        (members(&stack).await == 1).then_some(())
+    })
+    .await;
+    progresses(&stack, &rounds, "reports applied by one replica").await;
+
+    let started = Instant::now();
+    let mut r2 = replica(&stack, "scale-2");
+    let mut r3 = replica(&stack, "scale-3");
+    wait_for(Duration::from_secs(15), "three members", || async {
+        (members(&stack).await == 3).then_some(())
+    })
+    .await;
+    progresses(&stack, &rounds, "reports applied by three replicas").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "scaling to three took {:?}",
+        started.elapsed()
+    );
+
+    // Kill one: its partitions move to the other two within seconds.
+    let killed = Instant::now();
+    r3.kill().unwrap();
+    r3.wait().unwrap();
+    wait_for(Duration::from_secs(15), "two members", || async {
+        (members(&stack).await == 2).then_some(())
+    })
+    .await;
+    progresses(&stack, &rounds, "reports applied by two replicas").await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(20),
+        "recovering from the kill took {:?}",
+        killed.elapsed()
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    let sent = rounds.load(Ordering::SeqCst);
+    assert!(
+        sent >= 3,
+        "the load ran through the changes ({sent} rounds)"
+    );
+    wait_for(Duration::from_secs(30), "every report applied", || async {
+        (lowest_applied(&stack).await >= sent).then_some(())
+    })
+    .await;
+    let client = stack.db.pool.get().await.unwrap();
+    let rows = client
+        .query(
+            "SELECT id, reported_version, last_seq, reported FROM devices",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let (id, version, last_seq): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            (version, last_seq),
+            (sent, sent),
+            "{id}: each of its {sent} reports applied exactly once"
+        );
+        assert_eq!(row.get::<_, serde_json::Value>(3), json!({"round": sent}));
+    }
+
+    for child in [&mut r1, &mut r2] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    requestor.stop().await;
+}
