@@ -34,7 +34,8 @@ pub struct AuditSettings {
     /// How long events are kept; whole days are dropped after it (`DEVSYNC_AUDIT_RETENTION`).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// Messages stored per transaction.
+    /// Messages stored per transaction. A message carries up to 500 events, so this also
+    /// bounds the events held in memory (64 × 500).
     pub batch_size: usize,
     /// How often partitions are created ahead and old ones dropped.
     #[serde(with = "humantime_serde")]
@@ -47,7 +48,7 @@ impl Default for AuditSettings {
     fn default() -> Self {
         Self {
             retention: Duration::from_secs(30 * 24 * 3600),
-            batch_size: 500,
+            batch_size: 64,
             maintain_every: Duration::from_secs(3600),
             partitions_ahead: 7,
         }

@@ -170,6 +170,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let history = args
             .audit_history
             .unwrap_or(if args.quick { 1_000_000 } else { 10_000_000 });
+        // The scenarios before left their services' audit events in DEVSYNC_AUDIT (no audit
+        // service ran during b and d); drop them so the ingest figure counts only its own.
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+        js.get_stream(devsync_types::names::STREAM_AUDIT)
+            .await?
+            .purge()
+            .await?;
         Some(audit::run(nats.url(), &database_url, &dir, ingest, history).await?)
     };
     let results = report::Results::new(&args, raw, e2e, campaign, backlog, audit);

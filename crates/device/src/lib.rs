@@ -166,12 +166,40 @@ impl Device {
         success: bool,
         error: &str,
     ) -> Result<Accepted, DeviceError> {
+        self.send_ack(version, success, error, String::new()).await
+    }
+
+    /// Acknowledges a received push: like [`Device::ack`] for its version, naming the request
+    /// that caused it, so the acknowledgement joins that request's audit chain.
+    pub async fn ack_push(
+        &self,
+        push: &DesiredPush,
+        success: bool,
+        error: &str,
+    ) -> Result<Accepted, DeviceError> {
+        self.send_ack(
+            push.desired_version,
+            success,
+            error,
+            push.request_id.clone(),
+        )
+        .await
+    }
+
+    async fn send_ack(
+        &self,
+        version: u64,
+        success: bool,
+        error: &str,
+        causation_id: String,
+    ) -> Result<Accepted, DeviceError> {
         let ack = DesiredAck {
             device_id: self.id.to_string(),
             desired_version: version,
             sequence: self.next_sequence(),
             success,
             error: error.to_owned(),
+            causation_id,
         };
         self.send_accepted(MessageKind::Ack, ack.encode_to_vec().into())
             .await

@@ -265,7 +265,9 @@ impl Pusher {
                 ),
             ));
         }
-        let bytes = Bytes::from(target.push.encode_to_vec());
+        let mut push = target.push.clone();
+        push.request_id = target.request_id.to_string();
+        let bytes = Bytes::from(push.encode_to_vec());
         self.desired
             .put(device.as_str(), bytes.clone())
             .await
@@ -438,6 +440,7 @@ impl Pusher {
                     desired: Some(document),
                     campaign_id: batch.campaign_id.clone(),
                     changed_at: changed_at.map(timestamp),
+                    request_id: String::new(),
                 },
                 endpoint: row.get::<_, Option<String>>(4),
                 active: row.get(5),

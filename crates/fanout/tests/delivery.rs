@@ -309,7 +309,7 @@ async fn push_active_skips_sleeping_devices_which_pull_on_wake_up_and_pull_only_
 }
 
 #[tokio::test]
-async fn one_request_id_and_one_trace_lead_from_the_device_report_to_the_fanout_delivery() {
+async fn one_request_id_leads_from_the_device_report_through_the_fanout_to_the_device_ack() {
     // Trace ids exist where the services install their OpenTelemetry layer, as `main` does.
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -337,40 +337,43 @@ async fn one_request_id_and_one_trace_lead_from_the_device_report_to_the_fanout_
     let reconciler = stack.reconciler("reconciler-1").await;
     let fanout = stack.fanout(stack.fanout_settings("fanout-1")).await;
     let device = stack.device("t-1").await;
+    let mut pushes = Box::pin(device.pushes().await.unwrap());
 
-    // A report that leaves a delta: the reconciler asks the fan-out to push.
+    // A report that leaves a delta: the reconciler asks the fan-out to push...
     device
         .report(&json!({"mode": "normal"}), true)
         .await
         .unwrap();
     let request = "report:t-1:1";
-    let chain = wait_for(
-        DEADLINE,
-        "the chain up to the fan-out's delivery",
-        || async {
-            let rows = stack
-                .db
-                .pool
-                .get()
-                .await
-                .unwrap()
-                .query(
-                    "SELECT worker_id, stage, action, trace_id FROM audit_events
+    // ...and the device acknowledges the push it receives.
+    let push = tokio::time::timeout(DEADLINE, pushes.next())
+        .await
+        .expect("the push arrives")
+        .unwrap();
+    assert_eq!(push.request_id, request, "the push names its cause");
+    device.ack_push(&push, true, "").await.unwrap();
+
+    let chain = wait_for(DEADLINE, "the chain up to the device's ack", || async {
+        let rows = stack
+            .db
+            .pool
+            .get()
+            .await
+            .unwrap()
+            .query(
+                "SELECT worker_id, stage, action, trace_id FROM audit_events
                  WHERE request_id = $1 ORDER BY at, stage",
-                    &[&request],
-                )
-                .await
-                .unwrap();
-            let chain: Vec<(String, String, String, Option<String>)> = rows
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect();
-            chain
-                .iter()
-                .any(|(_, _, action, _)| action == "push.delivered")
-                .then_some(chain)
-        },
-    )
+                &[&request],
+            )
+            .await
+            .unwrap();
+        let chain: Vec<(String, String, String, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let has = |wanted: &str| chain.iter().any(|(_, _, action, _)| action == wanted);
+        (has("push.delivered") && has("ack.recorded")).then_some(chain)
+    })
     .await;
     let workers: Vec<&str> = chain.iter().map(|(w, _, _, _)| w.as_str()).collect();
     for service in ["requestor/", "reconciler/", "fanout/"] {
@@ -379,15 +382,31 @@ async fn one_request_id_and_one_trace_lead_from_the_device_report_to_the_fanout_
             "{service} is in the chain: {chain:?}"
         );
     }
+    let actions: Vec<&str> = chain.iter().map(|(_, _, a, _)| a.as_str()).collect();
+    for action in [
+        "report.accepted",
+        "report.applied",
+        "push.requested",
+        "push.delivered",
+        "ack.accepted",
+        "ack.recorded",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action} is in the chain: {actions:?}"
+        );
+    }
+    // One trace from the report to the delivery (the acknowledgement is the device's own
+    // message, with its own trace).
     let traces: std::collections::BTreeSet<&str> = chain
         .iter()
+        .filter(|(_, _, action, _)| !action.starts_with("ack."))
         .filter_map(|(_, _, _, t)| t.as_deref())
         .collect();
     assert_eq!(traces.len(), 1, "one trace across the hops: {chain:?}");
-    assert_eq!(
-        chain.iter().filter(|(_, _, _, t)| t.is_some()).count(),
-        chain.len(),
-        "every event carries the trace id: {chain:?}"
+    assert!(
+        chain.iter().all(|(_, _, _, t)| t.is_some()),
+        "every event carries a trace id: {chain:?}"
     );
 
     fanout.stop().await;

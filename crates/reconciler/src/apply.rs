@@ -192,6 +192,8 @@ enum Work {
 struct Request {
     index: usize,
     request_id: RequestId,
+    /// The request that caused this one (an acknowledgement names the push it answers).
+    causation: Option<RequestId>,
     device: DeviceId,
     received_at: Option<DateTime<Utc>>,
     work: Work,
@@ -358,6 +360,7 @@ impl Shared {
         };
         Ok(Request {
             index,
+            causation: RequestId::parse(request.causation_id.clone()).ok(),
             request_id,
             device,
             received_at,
@@ -512,10 +515,12 @@ impl Shared {
                         row.changed = true;
                     }
                     acks.push((device_key.clone(), *version, *success, error.clone()));
-                    out.audit(self.auditor.record(
+                    // An acknowledgement of a push joins the chain of the push's request.
+                    let chain = request.causation.as_ref().unwrap_or(&request.request_id);
+                    let mut record = self.auditor.record(
                         now,
                         Some(&request.device),
-                        Some(&request.request_id),
+                        Some(chain),
                         "reconcile",
                         if *success {
                             "ack.recorded"
@@ -527,8 +532,14 @@ impl Shared {
                         } else {
                             AuditOutcome::Failed
                         },
-                        json!({"desired_version": version, "error": error}),
-                    ));
+                        json!({
+                            "desired_version": version,
+                            "error": error,
+                            "request": request.request_id.as_str(),
+                        }),
+                    );
+                    record.event_id = format!("{}/{}", record.event_id, request.request_id);
+                    out.audit(record);
                 }
                 Work::Push { cause, campaign } => {
                     pushes.insert(
@@ -674,6 +685,7 @@ impl Shared {
                 desired: Some(desired),
                 campaign_id: campaign.to_owned(),
                 changed_at: row.desired_changed_at.map(timestamp),
+                request_id: request_id.to_string(),
             }),
             policy: pb::PushPolicy::Unspecified as i32,
             active,

@@ -405,14 +405,24 @@ impl Ingress {
                         "desired_version must be at least 1",
                     ));
                 }
+                if !ack.causation_id.is_empty()
+                    && RequestId::parse(ack.causation_id.clone()).is_err()
+                {
+                    return Err(Refusal::new(
+                        Code::Invalid,
+                        "causation_id is not a request id (1-200 printable characters)",
+                    ));
+                }
                 ack.device_id = device.to_string();
                 let request_id = RequestId::for_device_message(&device, kind, ack.sequence);
-                let request = sync_request(
+                let causation = std::mem::take(&mut ack.causation_id);
+                let mut request = sync_request(
                     &request_id,
                     &device,
                     received_at,
                     sync_request::Kind::Ack(ack),
                 );
+                request.causation_id = causation;
                 self.enqueue(&device, request_id, request).await
             }
             MessageKind::CheckIn => {
@@ -482,16 +492,24 @@ impl Ingress {
             .map_err(|e| unavailable(e.to_string()))?
             .await
             .map_err(|e| unavailable(format!("request not stored: {e}")))?;
-        // The first link of the request's chain: the device message, durable.
-        self.audit(self.auditor.record(
+        // The first link of the request's chain: the device message, durable. An
+        // acknowledgement that names the push it answers joins that push's chain.
+        let chain = RequestId::parse(request.causation_id.clone()).unwrap_or(request_id.clone());
+        let mut record = self.auditor.record(
             Utc::now(),
             Some(device),
-            Some(&request_id),
+            Some(&chain),
             "ingress",
             action,
             AuditOutcome::Ok,
-            json!({"duplicate": ack.duplicate, "stream_sequence": ack.sequence}),
-        ));
+            json!({
+                "duplicate": ack.duplicate,
+                "stream_sequence": ack.sequence,
+                "request": request_id.as_str(),
+            }),
+        );
+        record.event_id = format!("{}/{request_id}", record.event_id);
+        self.audit(record);
         Ok(Answer::Accepted(Accepted {
             request_id: request_id.to_string(),
             duplicate: ack.duplicate,

@@ -136,6 +136,15 @@ pub async fn run(
     println!(
         "  psql {db} -c \"SELECT id, desired_version, applied_desired_version, reported FROM devices WHERE id = 'sim-000001'\""
     );
+    println!(
+        "  cargo run -q -p devsync-ctl -- devices set-desired sim-000002 --merge '{{\"mode\": \"eco\"}}'"
+    );
+    println!("  cargo run -q -p devsync-ctl -- devices show sim-000002");
+    println!(
+        "  cargo run -q -p devsync-ctl -- campaign create eco-1 --selector labels:fleet=sim --patch '{{\"mode\": \"eco\"}}' --waves canary,10%,100% --rate 200"
+    );
+    println!("  cargo run -q -p devsync-ctl -- campaign status eco-1 --watch");
+    println!("  cargo run -q -p devsync-ctl -- audit --device sim-000002 --since 10m");
     if args.no_wait {
         if let Some(services) = services {
             services.stop().await;
