@@ -2,8 +2,11 @@
 //! commands need no NATS; nothing drives the campaigns here, so their progress is written with
 //! SQL the way the requestor's driver and the fan-out would).
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use common::{command, ctl, ctl_stdin, describe, ok, refused};
+
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use devsync_testkit::TestDb;
@@ -12,69 +15,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 
-fn command(db: &TestDb, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_devsyncctl"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DEVSYNC_DATABASE__URL", &db.url);
-    command
-}
-
-fn ctl(db: &TestDb, args: &[&str]) -> Output {
-    command(db, args).output().expect("run devsyncctl")
-}
-
-/// Runs `args` with `input` on standard input.
-fn ctl_stdin(db: &TestDb, args: &[&str], input: &str) -> Output {
-    let mut child = command(db, args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run devsyncctl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait for devsyncctl")
-}
-
 /// `devsyncctl campaign create ID ARGS...`.
 fn create(db: &TestDb, id: &str, args: &[&str]) -> Output {
     let mut full = vec!["campaign", "create", id];
     full.extend(args);
     ctl(db, &full)
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// The standard output of a run that must succeed.
-fn ok(output: Output) -> String {
-    assert!(output.status.success(), "{}", describe(&output));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Asserts a run was refused with exit status 1 and one line on stderr containing `needle`.
-fn refused(output: Output, needle: &str) {
-    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "{}", describe(&output));
-    assert!(
-        err.starts_with("devsyncctl: ") && err.contains(needle),
-        "expected {needle:?} in: {err}"
-    );
-    assert!(output.stdout.is_empty(), "{}", describe(&output));
 }
 
 async fn sql(db: &TestDb, statement: &str) {
