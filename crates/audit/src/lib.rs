@@ -18,7 +18,6 @@ pub mod query;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use devsync_runtime::Shutdown;
 use devsync_runtime::config::{CommonSettings, ConfigError, Settings as SettingsTrait};
 use devsync_runtime::service::Service;
@@ -101,20 +100,8 @@ impl SettingsTrait for Settings {
     }
 }
 
-/// A started audit service.
-#[derive(Debug)]
-pub struct Running {
-    /// Where `/v1/audit`, `/healthz`, `/readyz` and `/metrics` are served.
-    pub http_addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    /// Waits until the service has stopped.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("audit task panicked")
-    }
-}
+/// A started service (see `devsync_runtime::service::Running`).
+pub use devsync_runtime::service::Running;
 
 /// Starts the audit service; it runs until `shutdown`.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Running> {
@@ -164,11 +151,9 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         let _ = nats_api.await;
         let _ = http.task.await;
         tracing::info!("audit service stopped");
+        Ok(())
     });
-    Ok(Running {
-        http_addr: http.local_addr,
-        task,
-    })
+    Ok(Running::new(http.local_addr, task))
 }
 
 async fn maintain(pool: deadpool_postgres::Pool, settings: AuditSettings, shutdown: Shutdown) {

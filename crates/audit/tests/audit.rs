@@ -43,7 +43,8 @@ async fn audit_service(
         devsync_audit::Settings {
             common: common(nats, db, instance),
             audit: devsync_audit::AuditSettings {
-                batch_size: 100,
+                // Small batches, so two replicas both get a share of a few hundred messages.
+                batch_size: 10,
                 ..Default::default()
             },
         },

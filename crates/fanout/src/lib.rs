@@ -136,20 +136,8 @@ impl SettingsTrait for Settings {
     }
 }
 
-/// A started fan-out.
-#[derive(Debug)]
-pub struct Running {
-    /// Where `/healthz`, `/readyz` and `/metrics` are served.
-    pub http_addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    /// Waits until the fan-out has stopped (after shutdown) and drained.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("fan-out task panicked")
-    }
-}
+/// A started service (see `devsync_runtime::service::Running`).
+pub use devsync_runtime::service::Running;
 
 /// Starts the fan-out; it runs until `shutdown` is cancelled.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Running> {
@@ -213,11 +201,9 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         }
         let _ = http.task.await;
         tracing::info!("fan-out stopped");
+        Ok(())
     });
-    Ok(Running {
-        http_addr: http.local_addr,
-        task,
-    })
+    Ok(Running::new(http.local_addr, task))
 }
 
 /// Runs the fan-out until `shutdown`, then drains.

@@ -159,20 +159,8 @@ impl SettingsTrait for Settings {
     }
 }
 
-/// A started requestor.
-#[derive(Debug)]
-pub struct Running {
-    /// Where `/healthz`, `/readyz` and `/metrics` are served.
-    pub http_addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    /// Waits until the requestor has stopped (after shutdown) and drained.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("requestor task panicked")?
-    }
-}
+/// A started service (see `devsync_runtime::service::Running`).
+pub use devsync_runtime::service::Running;
 
 /// Starts the requestor; it runs until `shutdown` is cancelled.
 pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Running> {
@@ -269,10 +257,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         tracing::info!("requestor stopped");
         Ok(())
     });
-    Ok(Running {
-        http_addr: http.local_addr,
-        task,
-    })
+    Ok(Running::new(http.local_addr, task))
 }
 
 /// Runs the requestor until `shutdown`, then drains.

@@ -119,6 +119,30 @@ impl Service {
     }
 }
 
+/// A service started in-process (by its crate's `start`): where its HTTP endpoints listen,
+/// and its task, which ends after shutdown once the service has drained.
+#[derive(Debug)]
+pub struct Running {
+    /// Where `/healthz`, `/readyz`, `/metrics` (and the service's own routes) are served.
+    pub http_addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// A running service serving HTTP on `http_addr`, whose work is `task`.
+    pub fn new(
+        http_addr: std::net::SocketAddr,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) -> Self {
+        Self { http_addr, task }
+    }
+
+    /// Waits until the service has stopped (after shutdown) and drained.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("service task panicked")?
+    }
+}
+
 /// The command-line arguments every service binary shares (flattened into its own `Args`,
 /// which carries the binary's `--help` text).
 #[derive(Debug, Clone, clap::Args)]

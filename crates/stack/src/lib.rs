@@ -237,27 +237,15 @@ pub trait Running {
     fn wait(self) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
 }
 
-impl Running for devsync_requestor::Running {
+impl Running for devsync_runtime::service::Running {
     async fn wait(self) -> anyhow::Result<()> {
-        devsync_requestor::Running::wait(self).await
+        devsync_runtime::service::Running::wait(self).await
     }
 }
 
 impl Running for devsync_reconciler::Running {
     async fn wait(self) -> anyhow::Result<()> {
         devsync_reconciler::Running::wait(self).await
-    }
-}
-
-impl Running for devsync_fanout::Running {
-    async fn wait(self) -> anyhow::Result<()> {
-        devsync_fanout::Running::wait(self).await
-    }
-}
-
-impl Running for devsync_audit::Running {
-    async fn wait(self) -> anyhow::Result<()> {
-        devsync_audit::Running::wait(self).await
     }
 }
 
