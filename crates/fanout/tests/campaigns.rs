@@ -2,7 +2,6 @@
 //! delivers, devices acknowledge through the normal path (requestor, reconciler), and the
 //! campaign's progress in PostgreSQL follows.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -222,23 +221,11 @@ async fn a_campaign_resumes_after_the_fanout_is_killed_and_delivers_everything_o
     let reconciler = stack.reconciler("reconciler-1").await;
     let acks = acker(stack.nats.url(), |_| false);
 
-    let common = stack.common("fanout-killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_devsync-fanout"))
-        .env("DEVSYNC_NATS__URL", &common.nats.url)
-        .env("DEVSYNC_DATABASE__URL", common.database.url.expose())
-        .env("DEVSYNC_INSTANCE", "fanout-killed")
-        .env("DEVSYNC_HTTP__LISTEN", "127.0.0.1:0")
-        .env(
-            "DEVSYNC_TOPOLOGY__PARTITIONS",
-            devsync_stack::PARTITIONS.to_string(),
-        )
-        .env("DEVSYNC_TOPOLOGY__ACK_WAIT", "3s")
-        .env("DEVSYNC_WORKER__PULL_EXPIRES", "1s")
-        .env("DEVSYNC_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = stack.process(
+        env!("CARGO_BIN_EXE_devsync-fanout"),
+        "fanout-killed",
+        &[("DEVSYNC_TOPOLOGY__ACK_WAIT", "3s")],
+    );
 
     let mut new = campaign("resume-1", "fleet");
     new.rate_per_sec = Some(800);

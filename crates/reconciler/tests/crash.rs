@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Stack;
@@ -40,25 +39,15 @@ async fn a_crash_between_commit_and_ack_loses_and_duplicates_nothing() {
     let requestor = stack.requestor(stack.requestor_settings()).await;
 
     // The reconciler as a real process, set to abort right after its first commit.
-    let common = stack.common("crashing");
-    let child = Command::new(env!("CARGO_BIN_EXE_devsync-reconciler"))
-        .env("DEVSYNC_NATS__URL", &common.nats.url)
-        .env("DEVSYNC_DATABASE__URL", common.database.url.expose())
-        .env("DEVSYNC_INSTANCE", "crashing")
-        .env("DEVSYNC_HTTP__LISTEN", "127.0.0.1:0")
-        .env(
-            "DEVSYNC_TOPOLOGY__PARTITIONS",
-            common::PARTITIONS.to_string(),
-        )
-        .env("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s")
-        .env("DEVSYNC_TOPOLOGY__ACK_WAIT", "3s")
-        .env("DEVSYNC_WORKER__PULL_EXPIRES", "1s")
-        .env("DEVSYNC_RECONCILER__FAILPOINT", "abort-after-commit")
-        .env("DEVSYNC_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = stack.process(
+        env!("CARGO_BIN_EXE_devsync-reconciler"),
+        "crashing",
+        &[
+            ("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s"),
+            ("DEVSYNC_TOPOLOGY__ACK_WAIT", "3s"),
+            ("DEVSYNC_RECONCILER__FAILPOINT", "abort-after-commit"),
+        ],
+    );
 
     let device = stack.device("k1").await;
     device.report(&json!({"fw": "1"}), true).await.unwrap();

@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{PARTITIONS, Stack};
+use common::Stack;
 use devsync_testkit::wait_for;
 use devsync_types::names;
 use futures::TryStreamExt as _;
@@ -19,22 +19,15 @@ use serde_json::json;
 const DEVICES: usize = 100;
 
 fn replica(stack: &Stack, instance: &str) -> Child {
-    let common = stack.common(instance);
-    Command::new(env!("CARGO_BIN_EXE_devsync-reconciler"))
-        .env("DEVSYNC_NATS__URL", &common.nats.url)
-        .env("DEVSYNC_DATABASE__URL", common.database.url.expose())
-        .env("DEVSYNC_INSTANCE", instance)
-        .env("DEVSYNC_HTTP__LISTEN", "127.0.0.1:0")
-        .env("DEVSYNC_TOPOLOGY__PARTITIONS", PARTITIONS.to_string())
-        .env("DEVSYNC_TOPOLOGY__MEMBER_TTL", "2s")
-        .env("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s")
-        .env("DEVSYNC_TOPOLOGY__ACK_WAIT", "5s")
-        .env("DEVSYNC_WORKER__PULL_EXPIRES", "1s")
-        .env("DEVSYNC_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    stack.process(
+        env!("CARGO_BIN_EXE_devsync-reconciler"),
+        instance,
+        &[
+            ("DEVSYNC_TOPOLOGY__MEMBER_TTL", "2s"),
+            ("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s"),
+            ("DEVSYNC_TOPOLOGY__ACK_WAIT", "5s"),
+        ],
+    )
 }
 
 async fn members(stack: &Stack) -> usize {

@@ -1,7 +1,7 @@
 //! Scheduled sweeps run on one requestor replica at a time, once per period, and keep running
 //! when the replica holding the lease is killed.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,24 +12,15 @@ use devsync_testkit::wait_for;
 use devsync_types::names;
 
 fn replica(stack: &Stack, instance: &str) -> Child {
-    let common = stack.common(instance);
-    Command::new(env!("CARGO_BIN_EXE_devsync-requestor"))
-        .env("DEVSYNC_NATS__URL", &common.nats.url)
-        .env("DEVSYNC_DATABASE__URL", common.database.url.expose())
-        .env("DEVSYNC_INSTANCE", instance)
-        .env("DEVSYNC_HTTP__LISTEN", "127.0.0.1:0")
-        .env(
-            "DEVSYNC_TOPOLOGY__PARTITIONS",
-            devsync_stack::PARTITIONS.to_string(),
-        )
-        .env("DEVSYNC_TOPOLOGY__MEMBER_TTL", "2s")
-        .env("DEVSYNC_REQUESTOR__SCHEDULER__SWEEP_EVERY", "1s")
-        .env("DEVSYNC_REQUESTOR__SCHEDULER__DRIFT_AFTER", "1m")
-        .env("DEVSYNC_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    stack.process(
+        env!("CARGO_BIN_EXE_devsync-requestor"),
+        instance,
+        &[
+            ("DEVSYNC_TOPOLOGY__MEMBER_TTL", "2s"),
+            ("DEVSYNC_REQUESTOR__SCHEDULER__SWEEP_EVERY", "1s"),
+            ("DEVSYNC_REQUESTOR__SCHEDULER__DRIFT_AFTER", "1m"),
+        ],
+    )
 }
 
 /// (worker, started_at) of every drift sweep run, oldest first.

@@ -50,6 +50,31 @@ impl Stack {
         common
     }
 
+    /// Starts a service binary as its own process (the way it is deployed), pointed at this
+    /// stack, as `instance`, with `env` on top of the shared test settings (HTTP on port 0,
+    /// the test partition count, 1 s pulls, warn logs). Output is discarded.
+    pub fn process(
+        &self,
+        binary: &str,
+        instance: &str,
+        env: &[(&str, &str)],
+    ) -> std::process::Child {
+        let common = self.common(instance);
+        let mut command = std::process::Command::new(binary);
+        command
+            .env("DEVSYNC_NATS__URL", &common.nats.url)
+            .env("DEVSYNC_DATABASE__URL", common.database.url.expose())
+            .env("DEVSYNC_INSTANCE", instance)
+            .env("DEVSYNC_HTTP__LISTEN", "127.0.0.1:0")
+            .env("DEVSYNC_TOPOLOGY__PARTITIONS", PARTITIONS.to_string())
+            .env("DEVSYNC_WORKER__PULL_EXPIRES", "1s")
+            .env("DEVSYNC_LOG__LEVEL", "warn")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command.spawn().expect("the service binary starts")
+    }
+
     /// Declares the topology (services do it at start; tests that publish first need it).
     pub async fn declare(&self) {
         devsync_runtime::topology::Topology::new(self.common("test").topology)
