@@ -6,10 +6,12 @@
 //! 2. `BEGIN`; lock every device of the batch (`SELECT ... FOR UPDATE`, in id order, so
 //!    replicas never deadlock);
 //! 3. per device, in order: a report is applied (RFC 7386 merge patch, or replacement when
-//!    `full`) only if its sequence is above the device's `last_seq` — a redelivery, a device
-//!    retry or a late duplicate is recognised here, inside the same transaction, whatever
-//!    JetStream did; desired-version acks are recorded; admin changes and sweeps request a
-//!    push; follow-up stages run once (`processed_requests`);
+//!    `full`) with per-field sequence stamps (`reported_stamps`): JetStream may deliver a
+//!    device's report N after N+1 (redelivery once a dead worker's `ack_wait` ran out, a
+//!    retried batch), so a late report writes only the fields no later report wrote, and a
+//!    redelivery or device retry changes nothing — recognised here, inside the same
+//!    transaction, whatever JetStream did; desired-version acks are recorded; admin changes
+//!    and sweeps request a push; follow-up stages run once (`processed_requests`);
 //! 4. one set-based `UPDATE ... FROM unnest(...)` for all changed devices;
 //! 5. every output (pushes to `DEVSYNC_FANOUT`, audit events, follow-up stages on
 //!    `DEVSYNC_REQ`) goes into one outbox row of the same transaction; `COMMIT`;
@@ -17,8 +19,8 @@
 //!    then ack the batch.
 //!
 //! A crash before 5 changes nothing; between 5 and 6 the outbox sweeper publishes the row
-//! (duplicates are dropped by the streams); a redelivered request finds its sequence applied
-//! and changes nothing.
+//! (duplicates are dropped by the streams); a redelivered request finds its fields stamped with
+//! its own or later sequences and changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -209,6 +211,8 @@ struct DeviceRow {
     reported: Value,
     reported_version: i64,
     last_seq: i64,
+    /// Per-field write stamps of `reported` (see `devsync_types::state::Stamps`).
+    stamps: state::Stamps,
     applied: i64,
     http_endpoint: Option<String>,
     last_seen: Option<DateTime<Utc>>,
@@ -216,7 +220,8 @@ struct DeviceRow {
 }
 
 const LOCK: &str = "SELECT id, enabled, desired, desired_version, desired_changed_at, reported,
-        reported_version, last_seq, applied_desired_version, http_endpoint, last_seen
+        reported_version, last_seq, applied_desired_version, http_endpoint, last_seen,
+        reported_stamps
     FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 
 const UPDATE: &str = "UPDATE devices AS d SET
@@ -224,13 +229,14 @@ const UPDATE: &str = "UPDATE devices AS d SET
         reported_version = u.reported_version,
         reported_at = CASE WHEN u.reported_version <> d.reported_version THEN now() ELSE d.reported_at END,
         last_seq = u.last_seq,
+        reported_stamps = u.stamps,
         applied_desired_version = u.applied,
         applied_at = CASE WHEN u.applied <> d.applied_desired_version THEN now() ELSE d.applied_at END,
         last_seen = now(),
         active = true,
         updated_at = now()
-    FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::int8[], $5::int8[])
-        AS u(id, reported, reported_version, last_seq, applied)
+    FROM unnest($1::text[], $2::jsonb[], $3::int8[], $4::int8[], $5::int8[], $6::jsonb[])
+        AS u(id, reported, reported_version, last_seq, applied, stamps)
     WHERE d.id = u.id";
 
 const ACKS: &str = "UPDATE campaign_devices AS c SET
@@ -399,6 +405,7 @@ impl Shared {
                     applied: row.get(8),
                     http_endpoint: row.get(9),
                     last_seen: row.get(10),
+                    stamps: serde_json::from_value(row.get(11)).unwrap_or_default(),
                     changed: false,
                 },
             );
@@ -438,19 +445,6 @@ impl Shared {
                     full,
                 } => {
                     let sequence = i64::try_from(*sequence).unwrap_or(i64::MAX);
-                    if sequence <= row.last_seq {
-                        self.metrics.duplicates.inc();
-                        out.audit(self.auditor.record(
-                            now,
-                            Some(&request.device),
-                            Some(&request.request_id),
-                            "reconcile",
-                            "report.duplicate",
-                            AuditOutcome::Skipped,
-                            json!({"sequence": sequence, "last_sequence": row.last_seq}),
-                        ));
-                        continue;
-                    }
                     if !row.enabled {
                         out.audit(self.auditor.record(
                             now,
@@ -463,16 +457,38 @@ impl Shared {
                         ));
                         continue;
                     }
-                    let before = row.reported.clone();
-                    if *full {
-                        row.reported = document.clone();
+                    // Reports may arrive out of order (redelivery after a worker died, a
+                    // retried batch): the stamps apply a late one where no later one wrote.
+                    let changed = if *full {
+                        state::replace_stamped(
+                            &mut row.reported,
+                            &mut row.stamps,
+                            document,
+                            sequence,
+                        )
                     } else {
-                        state::apply(&mut row.reported, document);
+                        state::apply_stamped(&mut row.reported, &mut row.stamps, document, sequence)
+                    };
+                    let late = sequence <= row.last_seq;
+                    if late && !changed {
+                        // A redelivery, a device retry, or a late report every part of which
+                        // a later one overwrote.
+                        self.metrics.duplicates.inc();
+                        out.audit(self.auditor.record(
+                            now,
+                            Some(&request.device),
+                            Some(&request.request_id),
+                            "reconcile",
+                            "report.duplicate",
+                            AuditOutcome::Skipped,
+                            json!({"sequence": sequence, "last_sequence": row.last_seq}),
+                        ));
+                        continue;
                     }
-                    if row.reported != before {
+                    if changed {
                         row.reported_version += 1;
                     }
-                    row.last_seq = sequence;
+                    row.last_seq = row.last_seq.max(sequence);
                     row.changed = true;
                     self.metrics.applied.inc();
                     if let Some(received) = request.received_at {
@@ -490,6 +506,7 @@ impl Shared {
                             "sequence": sequence,
                             "reported_version": row.reported_version,
                             "full": full,
+                            "late": late,
                         }),
                     ));
                     let delta = state::delta(&row.desired, &row.reported);
@@ -625,8 +642,15 @@ impl Shared {
             let versions: Vec<i64> = changed.iter().map(|(_, r)| r.reported_version).collect();
             let seqs: Vec<i64> = changed.iter().map(|(_, r)| r.last_seq).collect();
             let applied: Vec<i64> = changed.iter().map(|(_, r)| r.applied).collect();
-            tx.execute(&update, &[&ids, &reported, &versions, &seqs, &applied])
-                .await?;
+            let stamps: Vec<Value> = changed
+                .iter()
+                .map(|(_, r)| serde_json::to_value(&r.stamps).expect("stamps serialize"))
+                .collect();
+            tx.execute(
+                &update,
+                &[&ids, &reported, &versions, &seqs, &applied, &stamps],
+            )
+            .await?;
         }
         if !acks.is_empty() {
             let statement = tx.prepare_cached(ACKS).await?;

@@ -107,6 +107,96 @@ async fn a_report_is_applied_once_despite_retries_and_redeliveries() {
     requestor.stop().await;
 }
 
+/// Publishes a device report straight into `DEVSYNC_REQ`, as the requestor would, with its own
+/// request id: what a redelivery looks like to the reconciler.
+async fn raw_report(stack: &Stack, device: &str, sequence: u64, state: serde_json::Value) {
+    let report = DeviceReport {
+        device_id: device.into(),
+        sequence,
+        reported: Some(pb::Payload {
+            body: Some(pb::payload::Body::InlineJson(
+                serde_json::to_vec(&state).unwrap().into(),
+            )),
+        }),
+        full: false,
+        sent_at: None,
+    };
+    let request = SyncRequest {
+        request_id: format!("report:{device}:{sequence}"),
+        device_id: device.into(),
+        lane: pb::Lane::Rt as i32,
+        received_at: Some(timestamp(Utc::now())),
+        kind: Some(pb::sync_request::Kind::Report(report)),
+        ..Default::default()
+    };
+    let id = DeviceId::parse(device).unwrap();
+    stack
+        .js
+        .publish(
+            subjects::request(Lane::Rt, &id),
+            request.encode_to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_report_arriving_after_a_later_one_still_lands_where_nothing_newer_wrote() {
+    let stack = Stack::start().await;
+    stack.register(&["d1"]).await;
+    stack.declare().await;
+    let reconciler = stack.reconciler("r1").await;
+
+    raw_report(
+        &stack,
+        "d1",
+        1,
+        json!({"temp": 20, "fan": "auto", "led": "on"}),
+    )
+    .await;
+    stack.wait_reported("d1", 1).await;
+    // Report 3 overtakes report 2 (as after a worker died holding 2).
+    raw_report(&stack, "d1", 3, json!({"temp": 30, "led": null})).await;
+    stack.wait_reported("d1", 2).await;
+    raw_report(
+        &stack,
+        "d1",
+        2,
+        json!({"temp": 25, "hum": 40, "led": "off"}),
+    )
+    .await;
+    let reported = stack.wait_reported("d1", 3).await;
+    assert_eq!(
+        reported,
+        json!({"temp": 30, "fan": "auto", "hum": 40}),
+        "2 adds hum; 3's temp and removal of led stay"
+    );
+    let (_, version, last_seq, _) = stack.device_row("d1").await;
+    assert_eq!((version, last_seq), (3, 3));
+
+    // Report 2 once more (a redelivery): nothing changes, and it is audited as a duplicate.
+    raw_report(
+        &stack,
+        "d1",
+        2,
+        json!({"temp": 25, "hum": 40, "led": "off"}),
+    )
+    .await;
+    wait_for(Duration::from_secs(10), "the duplicate audited", || async {
+        audit_actions(&stack, "d1")
+            .await
+            .contains(&"report.duplicate".to_string())
+            .then_some(())
+    })
+    .await;
+    let (again, version, last_seq, _) = stack.device_row("d1").await;
+    assert_eq!((again, version, last_seq), (reported, 3, 3));
+
+    reconciler.stop().await;
+}
+
 #[tokio::test]
 async fn a_waking_device_gets_only_what_changed() {
     let stack = Stack::start().await;

@@ -52,7 +52,9 @@ impl Stack {
 
     /// Starts a service binary as its own process (the way it is deployed), pointed at this
     /// stack, as `instance`, with `env` on top of the shared test settings (HTTP on port 0,
-    /// the test partition count, 1 s pulls, warn logs). Output is discarded.
+    /// the test partition count, 1 s pulls, warn logs). Output is discarded, unless
+    /// `DEVSYNC_TEST_PROCESS_LOGS` names a directory: then each process logs at info level to
+    /// `<dir>/<instance>.log` (for finding out why a process test failed).
     pub fn process(
         &self,
         binary: &str,
@@ -72,6 +74,17 @@ impl Stack {
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
+        if let Some(dir) = std::env::var_os("DEVSYNC_TEST_PROCESS_LOGS") {
+            let path = std::path::Path::new(&dir).join(format!("{instance}.log"));
+            let file = std::fs::File::create(&path).expect("the process log file can be created");
+            let errors = file
+                .try_clone()
+                .expect("the process log file can be shared");
+            command
+                .env("DEVSYNC_LOG__LEVEL", "info")
+                .stdout(file)
+                .stderr(errors);
+        }
         command.spawn().expect("the service binary starts")
     }
 

@@ -5,8 +5,170 @@
 //!   applied version N needs to reach the current version).
 //! - [`delta`]: desired minus reported, like a device shadow's delta: every desired field whose
 //!   reported value differs, recursively; fields only the device reports are not part of it.
+//! - [`apply_stamped`] / [`replace_stamped`]: a device's reports in any order reach the state
+//!   they give in sequence order. JetStream redelivers a message after its `ack_wait`, so when
+//!   a worker dies or a batch is retried a device's report N can arrive after its report N+1.
+//!   Like a device twin's per-property metadata, every field the device wrote keeps the
+//!   sequence of the report that wrote it (removed fields keep theirs as a tombstone), and a
+//!   late report changes only what no later report wrote.
+
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
+
+/// Per-field write stamps of a reported document: the JSON Pointer (RFC 6901) of every field a
+/// report set or removed, and the device sequence of that report.
+///
+/// The empty pointer stamps the whole document (a full report). A stamp on a path also means "everything below was replaced at this sequence": it stays
+/// when a later report turns the field back into an object, so an even older write into that
+/// object stays dead.
+pub type Stamps = BTreeMap<String, i64>;
+
+/// Applies the merge patch `patch`, sent as device sequence `sequence`, to `document`, leaving
+/// out every part this report or one with a higher sequence already wrote (a report never
+/// rewrites its own fields: a redelivery with other content is still a redelivery). Returns
+/// whether the document changed. Applying the same report twice changes nothing the second time, and applying a
+/// device's reports in any order gives the document of applying them in sequence order (for
+/// patches without empty objects: `{}` creates an object and carries no stamp).
+pub fn apply_stamped(
+    document: &mut Value,
+    stamps: &mut Stamps,
+    patch: &Value,
+    sequence: i64,
+) -> bool {
+    if stamps.get(ROOT).is_some_and(|stamp| *stamp >= sequence) {
+        // A later full report replaced the whole document.
+        return false;
+    }
+    let before = document.clone();
+    merge_stamped(document, stamps, patch, "", sequence);
+    *document != before
+}
+
+/// Replaces `document` with `full` (a full report sent as `sequence`), leaving out every part
+/// a report with a higher sequence already wrote: every field of `full` is written and every
+/// field missing from it removed, with the report's stamp.
+pub fn replace_stamped(
+    document: &mut Value,
+    stamps: &mut Stamps,
+    full: &Value,
+    sequence: i64,
+) -> bool {
+    let patch = replacement(document, full);
+    let changed = apply_stamped(document, stamps, &patch, sequence);
+    if stamps.get(ROOT).is_none_or(|stamp| *stamp < sequence) {
+        // Everything older than this report is gone: the root stamp says so for any late
+        // report, so older stamps are no longer needed.
+        stamps.retain(|_, stamp| *stamp > sequence);
+        stamps.insert(ROOT.to_owned(), sequence);
+    }
+    changed
+}
+
+/// The stamp of the whole document, set by full reports.
+const ROOT: &str = "";
+
+/// The merge patch that writes every leaf of `to` and removes every field of `from` missing
+/// from `to` (unlike [`diff`], unchanged fields are written too, so they get a new stamp).
+fn replacement(from: &Value, to: &Value) -> Value {
+    match (from, to) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut patch: Map<String, Value> = a
+                .keys()
+                .filter(|key| !b.contains_key(*key))
+                .map(|key| (key.clone(), Value::Null))
+                .collect();
+            for (key, new) in b {
+                let value = match a.get(key) {
+                    Some(old) => replacement(old, new),
+                    None => new.clone(),
+                };
+                patch.insert(key.clone(), value);
+            }
+            Value::Object(patch)
+        }
+        _ => to.clone(),
+    }
+}
+
+/// RFC 6901 escaping of one reference token.
+fn pointer(prefix: &str, key: &str) -> String {
+    format!("{prefix}/{}", key.replace('~', "~0").replace('/', "~1"))
+}
+
+fn merge_stamped(target: &mut Value, stamps: &mut Stamps, patch: &Value, prefix: &str, seq: i64) {
+    let Value::Object(fields) = patch else {
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(object) = target else {
+        unreachable!("made an object above")
+    };
+    for (key, value) in fields {
+        let path = pointer(prefix, key);
+        if value.is_object() {
+            // A later report replaced this field (or an ancestor, checked on the way down):
+            // what this one wrote below it is gone.
+            if stamps.get(&path).is_some_and(|stamp| *stamp >= seq) {
+                continue;
+            }
+            let child = object.entry(key.clone()).or_insert(Value::Null);
+            merge_stamped(child, stamps, value, &path, seq);
+        } else {
+            write_leaf(object, key, &path, value, stamps, seq);
+        }
+    }
+}
+
+/// Sets (or, for `null`, removes) `object[key]` as report `seq` does, unless a later report
+/// wrote it; when a later report wrote something below it, only what is older goes.
+fn write_leaf(
+    object: &mut Map<String, Value>,
+    key: &str,
+    path: &str,
+    value: &Value,
+    stamps: &mut Stamps,
+    seq: i64,
+) {
+    if stamps.get(path).is_some_and(|stamp| *stamp >= seq) {
+        return;
+    }
+    let below = format!("{path}/");
+    let newer_below = stamps
+        .range(below.clone()..)
+        .take_while(|(k, _)| k.starts_with(&below))
+        .any(|(_, stamp)| *stamp >= seq);
+    if newer_below {
+        // In sequence order this write came first and a later one turned the field into an
+        // object again: of that object, only the older fields are gone.
+        if let Some(Value::Object(child)) = object.get_mut(key) {
+            let keys: Vec<String> = child.keys().cloned().collect();
+            for child_key in keys {
+                let child_path = pointer(path, &child_key);
+                write_leaf(child, &child_key, &child_path, &Value::Null, stamps, seq);
+            }
+        }
+        // Whatever below is older than this write is gone, even if it arrives later.
+        stamps.insert(path.to_owned(), seq);
+        return;
+    }
+    let stale: Vec<String> = stamps
+        .range(below.clone()..)
+        .take_while(|(k, _)| k.starts_with(&below))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in stale {
+        stamps.remove(&k);
+    }
+    if value.is_null() {
+        object.remove(key);
+    } else {
+        object.insert(key.to_owned(), value.clone());
+    }
+    stamps.insert(path.to_owned(), seq);
+}
 
 /// A document that is not a JSON object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,5 +309,150 @@ mod tests {
                 .unwrap_err()
                 .starts_with("invalid JSON")
         );
+    }
+
+    #[test]
+    fn a_late_report_fills_in_only_what_no_later_report_wrote() {
+        let mut doc = json!({});
+        let mut stamps = Stamps::new();
+        assert!(apply_stamped(
+            &mut doc,
+            &mut stamps,
+            &json!({"a": 2, "c": null}),
+            2
+        ));
+        // Report 1 arrives late: `a` was written by 2, `b` by nobody, `c` removed by 2.
+        assert!(apply_stamped(
+            &mut doc,
+            &mut stamps,
+            &json!({"a": 1, "b": 1, "c": 1}),
+            1
+        ));
+        assert_eq!(doc, json!({"a": 2, "b": 1}));
+        // The same report again changes nothing.
+        assert!(!apply_stamped(
+            &mut doc,
+            &mut stamps,
+            &json!({"a": 1, "b": 1, "c": 1}),
+            1
+        ));
+        assert!(!apply_stamped(
+            &mut doc,
+            &mut stamps,
+            &json!({"a": 2, "c": null}),
+            2
+        ));
+        assert_eq!(
+            stamps.get("/c"),
+            Some(&2),
+            "the removal is kept as a tombstone"
+        );
+    }
+
+    #[test]
+    fn a_late_write_below_a_later_replacement_stays_dead() {
+        let mut doc = json!({});
+        let mut stamps = Stamps::new();
+        // In order: 1 writes net/ssid, 2 removes net, 3 writes net/wifi.
+        apply_stamped(&mut doc, &mut stamps, &json!({"net": {"wifi": true}}), 3);
+        apply_stamped(&mut doc, &mut stamps, &json!({"net": null}), 2);
+        apply_stamped(&mut doc, &mut stamps, &json!({"net": {"ssid": "a"}}), 1);
+        assert_eq!(doc, json!({"net": {"wifi": true}}));
+    }
+
+    #[test]
+    fn keys_with_slashes_and_tildes_are_separate_fields() {
+        let mut doc = json!({});
+        let mut stamps = Stamps::new();
+        apply_stamped(
+            &mut doc,
+            &mut stamps,
+            &json!({"a/b": 2, "a": {"b": 3}, "~": 1}),
+            5,
+        );
+        assert_eq!(doc, json!({"a/b": 2, "a": {"b": 3}, "~": 1}));
+        assert_eq!(
+            stamps.keys().collect::<Vec<_>>(),
+            vec!["/a/b", "/a~1b", "/~0"]
+        );
+    }
+
+    mod any_order {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Small documents over few keys, so reports collide: leaves, removals and nested
+        /// objects (never empty: `{}` carries no stamp).
+        fn patch(depth: u32) -> BoxedStrategy<Value> {
+            let leaf = prop_oneof![
+                (0..3i64).prop_map(|n| json!(n)),
+                Just(Value::Null),
+                Just(json!([1, 2])),
+            ];
+            let value = if depth == 0 {
+                leaf.boxed()
+            } else {
+                prop_oneof![2 => leaf, 1 => patch(depth - 1)].boxed()
+            };
+            proptest::collection::btree_map(prop_oneof!["a", "b", "c"], value, 1..3)
+                .prop_map(|fields| Value::Object(fields.into_iter().collect()))
+                .boxed()
+        }
+
+        fn reports() -> impl Strategy<Value = (Vec<(Value, bool)>, Vec<usize>)> {
+            proptest::collection::vec((patch(2), proptest::bool::weighted(0.2)), 1..7)
+                .prop_flat_map(|reports| {
+                    let order: Vec<usize> = (0..reports.len()).collect();
+                    (Just(reports), Just(order).prop_shuffle())
+                })
+        }
+
+        /// Full reports cannot hold removals: a `null` in one means "absent".
+        fn strip_nulls(value: &Value) -> Value {
+            match value {
+                Value::Object(fields) => Value::Object(
+                    fields
+                        .iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| (k.clone(), strip_nulls(v)))
+                        .collect(),
+                ),
+                other => other.clone(),
+            }
+        }
+
+        fn run(reports: &[(Value, bool)], order: impl Iterator<Item = usize>) -> Value {
+            let mut doc = json!({});
+            let mut stamps = Stamps::new();
+            for index in order {
+                let (patch, full) = &reports[index];
+                let seq = index as i64 + 1;
+                if *full {
+                    replace_stamped(&mut doc, &mut stamps, &strip_nulls(patch), seq);
+                } else {
+                    apply_stamped(&mut doc, &mut stamps, patch, seq);
+                }
+            }
+            doc
+        }
+
+        proptest! {
+            #[test]
+            fn any_arrival_order_gives_the_state_of_sequence_order((reports, order) in reports()) {
+                let in_order = run(&reports, 0..reports.len());
+                // Plain merge patches in order are the reference.
+                let mut reference = json!({});
+                for (patch, full) in &reports {
+                    if *full {
+                        reference = strip_nulls(patch);
+                    } else {
+                        apply(&mut reference, patch);
+                    }
+                }
+                prop_assert_eq!(&in_order, &reference);
+                let shuffled = run(&reports, order.iter().copied());
+                prop_assert_eq!(shuffled, reference);
+            }
+        }
     }
 }
