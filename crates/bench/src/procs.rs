@@ -36,22 +36,39 @@ pub fn bin_dir() -> PathBuf {
 impl ServiceProcess {
     /// Starts `binary` with `env`, its log in `log_dir`, HTTP on a free port.
     pub fn spawn(binary: &str, env: &[(String, String)], log_dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn_as(binary, &format!("{binary}-bench"), env, log_dir)
+    }
+
+    /// Starts `binary` as `instance` (its worker id and log file name) with `env`, its log in
+    /// `log_dir` (appended to, so a restarted instance keeps one log), HTTP on a free port.
+    pub fn spawn_as(
+        binary: &str,
+        instance: &str,
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let port = devsync_localstack::free_port()?;
         let http = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(log_dir.join(format!("{binary}.log")))?;
+        let log_name = if instance.ends_with("-bench") {
+            format!("{binary}.log")
+        } else {
+            format!("{instance}.log")
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(log_name))?;
         let child = Command::new(bin_dir().join(binary))
             .envs(env.iter().cloned())
             .env("DEVSYNC_HTTP__LISTEN", &http)
-            .env("DEVSYNC_INSTANCE", format!("{binary}-bench"))
+            .env("DEVSYNC_INSTANCE", instance)
             .env("DEVSYNC_LOG__FORMAT", "json")
             .env("DEVSYNC_LOG__LEVEL", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| {
-                format!("start {} (build with cargo build --release --bins)", binary)
-            })?;
+            .with_context(|| format!("start {} (build it first: cargo build --bins)", binary))?;
         let ticks = Command::new("getconf")
             .arg("CLK_TCK")
             .output()
@@ -122,6 +139,30 @@ impl ServiceProcess {
             peak_rss_mib: peak_kib / 1024.0,
             cpu_seconds: ticks / self.ticks_per_second,
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// Stops the process with SIGTERM (graceful drain) and waits.

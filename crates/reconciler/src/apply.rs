@@ -56,10 +56,11 @@ pub const OUTBOX_OWNER: &str = "reconciler";
 pub const STAGE_CONVERGED: &str = "converged";
 
 /// A deliberate crash point, for tests that prove a crash loses and duplicates nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Failpoint {
-    /// Abort the process right after the first commit, before publishing or acking.
-    AbortAfterCommit,
+    /// Abort the process right after a commit, before publishing or acking: after each commit
+    /// with this probability (1: the first).
+    AbortAfterCommit { probability: f64 },
 }
 
 /// Metrics of the apply path.
@@ -287,7 +288,9 @@ impl Shared {
         self.metrics
             .transaction_seconds
             .observe(started.elapsed().as_secs_f64());
-        if self.failpoint == Some(Failpoint::AbortAfterCommit) {
+        if let Some(Failpoint::AbortAfterCommit { probability }) = self.failpoint
+            && rand::random::<f64>() < probability
+        {
             tracing::error!("failpoint abort-after-commit: aborting the process");
             std::process::abort();
         }
@@ -481,7 +484,11 @@ impl Shared {
                             "reconcile",
                             "report.duplicate",
                             AuditOutcome::Skipped,
-                            json!({"sequence": sequence, "last_sequence": row.last_seq}),
+                            json!({
+                                "sequence": sequence,
+                                "last_sequence": row.last_seq,
+                                "delivery": batch[request.index].delivered(),
+                            }),
                         ));
                         continue;
                     }
@@ -507,6 +514,7 @@ impl Shared {
                             "reported_version": row.reported_version,
                             "full": full,
                             "late": late,
+                            "delivery": batch[request.index].delivered(),
                         }),
                     ));
                     let delta = state::delta(&row.desired, &row.reported);

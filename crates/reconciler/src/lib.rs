@@ -51,7 +51,8 @@ pub struct ReconcilerSettings {
     /// How old an outbox row must be before the sweeper publishes it.
     #[serde(with = "humantime_serde")]
     pub outbox_age: Duration,
-    /// Test-only crash point: `abort-after-commit`.
+    /// Test-only crash point: `abort-after-commit` (the first commit), or
+    /// `abort-after-commit:<p>` (each commit with probability p; the chaos suite's).
     pub failpoint: Option<String>,
 }
 
@@ -81,11 +82,25 @@ impl Settings {
     fn failpoint(&self) -> Result<Option<Failpoint>, ConfigError> {
         match self.reconciler.failpoint.as_deref() {
             None | Some("") => Ok(None),
-            Some("abort-after-commit") => Ok(Some(Failpoint::AbortAfterCommit)),
-            Some(other) => Err(ConfigError::invalid(
-                "reconciler.failpoint",
-                format!("{other:?} is not a failpoint (abort-after-commit)"),
-            )),
+            Some("abort-after-commit") => {
+                Ok(Some(Failpoint::AbortAfterCommit { probability: 1.0 }))
+            }
+            Some(other) => {
+                let probability = other
+                    .strip_prefix("abort-after-commit:")
+                    .and_then(|p| p.parse::<f64>().ok())
+                    .filter(|p| *p > 0.0 && *p <= 1.0);
+                match probability {
+                    Some(probability) => Ok(Some(Failpoint::AbortAfterCommit { probability })),
+                    None => Err(ConfigError::invalid(
+                        "reconciler.failpoint",
+                        format!(
+                            "{other:?} is not a failpoint (abort-after-commit, or \
+                             abort-after-commit:<probability per batch, 0 < p <= 1>)"
+                        ),
+                    )),
+                }
+            }
         }
     }
 }

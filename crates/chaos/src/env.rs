@@ -1,0 +1,233 @@
+//! One scenario's world: its own nats-server and PostgreSQL cluster (so a fault in one
+//! scenario cannot leak into the next), the devsync services as processes (as deployed, so
+//! they can be killed with SIGKILL or stopped with SIGSTOP), and registered devices.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use devsync_bench::procs::ServiceProcess;
+use devsync_localstack::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions};
+
+/// Settings every service of a scenario runs with. Shorter than the production defaults
+/// (`ack_wait` 30 s, pin timeout 6 s, membership TTL 10 s) so a scenario recovers in seconds;
+/// the README's reliability table names them.
+pub const SERVICE_SETTINGS: &[(&str, &str)] = &[
+    ("DEVSYNC_TOPOLOGY__ACK_WAIT", "5s"),
+    ("DEVSYNC_TOPOLOGY__PIN_TIMEOUT", "2s"),
+    ("DEVSYNC_TOPOLOGY__MEMBER_TTL", "3s"),
+    ("DEVSYNC_WORKER__PULL_EXPIRES", "1s"),
+    ("DEVSYNC_WORKER__RETRY_MAX_DELAY", "5s"),
+    ("DEVSYNC_TOPOLOGY__MAX_DELIVER", "20"),
+];
+
+/// A scenario's dependencies and services.
+pub struct Env {
+    pub dir: PathBuf,
+    pub nats: NatsServer,
+    postgres: Option<PostgresCluster>,
+    postgres_options: PostgresOptions,
+    pub database_url: String,
+    services: BTreeMap<String, (String, ServiceProcess)>,
+    extra: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("dir", &self.dir)
+            .field("database_url", &self.database_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Env {
+    /// Starts fresh NATS and PostgreSQL under `dir` (emptied first), migrates, and registers
+    /// `devices` simulated devices.
+    pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let dir = std::fs::canonicalize(dir)?;
+        let nats =
+            NatsServer::start(NatsOptions::in_dir(dir.join("nats"))?).context("nats-server")?;
+        let postgres_options = PostgresOptions {
+            dir: dir.join("postgres"),
+            port: None,
+            ephemeral: false,
+        };
+        let postgres = PostgresCluster::start(postgres_options.clone()).context("postgres")?;
+        let postgres_options = PostgresOptions {
+            port: Some(postgres.port()),
+            ..postgres_options
+        };
+        let database_url = postgres.url("devsync");
+        devsync_store::ensure_database(&database_url).await?;
+        devsync_store::migrate(&database_url).await?;
+        devsync_sim::register(&database_url, devices).await?;
+        Ok(Self {
+            dir,
+            nats,
+            postgres: Some(postgres),
+            postgres_options,
+            database_url,
+            services: BTreeMap::new(),
+            extra: Vec::new(),
+        })
+    }
+
+    /// Adds a setting for services started from now on.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.extra.push((key.to_owned(), value.to_owned()));
+    }
+
+    fn service_env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("DEVSYNC_NATS__URL".to_owned(), self.nats.url().to_owned()),
+            (
+                "DEVSYNC_DATABASE__URL".to_owned(),
+                self.database_url.clone(),
+            ),
+        ];
+        env.extend(
+            SERVICE_SETTINGS
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        env.extend(self.extra.iter().cloned());
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        env
+    }
+
+    /// Starts `binary` as `instance` and waits until it is ready.
+    pub async fn spawn(
+        &mut self,
+        binary: &str,
+        instance: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let env = self.service_env(extra);
+        let mut process = ServiceProcess::spawn_as(binary, instance, &env, &self.dir)?;
+        process
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .with_context(|| format!("{instance} ready"))?;
+        self.services
+            .insert(instance.to_owned(), (binary.to_owned(), process));
+        Ok(())
+    }
+
+    /// Starts `binary` as `instance` without waiting (it may crash at once by design).
+    pub fn spawn_nowait(
+        &mut self,
+        binary: &str,
+        instance: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let env = self.service_env(extra);
+        let process = ServiceProcess::spawn_as(binary, instance, &env, &self.dir)?;
+        self.services
+            .insert(instance.to_owned(), (binary.to_owned(), process));
+        Ok(())
+    }
+
+    /// Whether `instance` is running.
+    pub fn is_running(&mut self, instance: &str) -> bool {
+        self.services
+            .get_mut(instance)
+            .is_some_and(|(_, p)| p.is_running())
+    }
+
+    /// SIGKILLs `instance`.
+    pub fn kill(&mut self, instance: &str) {
+        if let Some((_, process)) = self.services.get_mut(instance) {
+            process.kill();
+        }
+    }
+
+    /// Sends `signal` to `instance`.
+    pub fn signal(&self, instance: &str, signal: &str) {
+        if let Some((_, process)) = self.services.get(instance) {
+            process.signal(signal);
+        }
+    }
+
+    /// Peak RSS (MiB) of `instance` so far.
+    pub fn peak_rss_mib(&self, instance: &str) -> f64 {
+        self.services
+            .get(instance)
+            .map_or(0.0, |(_, p)| p.stats().peak_rss_mib)
+    }
+
+    /// Current RSS (MiB) of `instance`.
+    pub fn rss_mib(&self, instance: &str) -> f64 {
+        self.services.get(instance).map_or(0.0, |(_, p)| {
+            let pid = p.pid();
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|status| {
+                    status
+                        .lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<f64>().ok())
+                })
+                .map_or(0.0, |kib| kib / 1024.0)
+        })
+    }
+
+    /// Immediate shutdown of PostgreSQL (no checkpoint: crash recovery on the next start).
+    pub fn postgres_crash(&mut self) -> anyhow::Result<()> {
+        if let Some(cluster) = self.postgres.take() {
+            cluster.stop(false).context("pg_ctl stop -m immediate")?;
+            cluster.leave_running();
+        }
+        Ok(())
+    }
+
+    /// Starts PostgreSQL again on the same port and data.
+    pub fn postgres_start(&mut self) -> anyhow::Result<()> {
+        if self.postgres.is_none() {
+            self.postgres = Some(
+                PostgresCluster::start(self.postgres_options.clone())
+                    .context("restart postgres")?,
+            );
+        }
+        Ok(())
+    }
+
+    /// A connection to the scenario's database.
+    pub async fn db(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        let pool = devsync_store::pool(&self.database_url, 1)?;
+        Ok(pool.get().await?)
+    }
+
+    /// Stops every service gracefully.
+    pub fn stop_services(&mut self) {
+        for (_, (_, process)) in std::mem::take(&mut self.services) {
+            process.stop();
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
