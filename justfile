@@ -17,9 +17,9 @@ up *ARGS: setup
 test: setup
     cargo build -q -p devsync-testkit --bin devsync-testenv
     target/debug/devsync-testenv cargo nextest run --workspace --no-fail-fast
+    bash scripts/chart-test.sh
     cargo build -q --bins
     target/debug/devsync-chaos --quick --out target/chaos-results
-    bash scripts/chart-test.sh
 
 # the chaos suite at full size: faults under load, then the checker; prints the reliability table
 chaos *ARGS: setup

@@ -526,3 +526,52 @@ async fn two_replicas_share_the_load_without_duplicates() {
     b.wait().await.unwrap();
     let _ = pb::AuditBatch::default().encode_to_vec();
 }
+
+#[tokio::test]
+async fn the_same_action_happening_twice_in_a_day_is_two_events_and_the_chain_verifies() {
+    let db = TestDb::create().await;
+    let now = Utc::now();
+    let later = now + chrono::Duration::milliseconds(5);
+    // A device replays a message after the deduplication window: the reconciler records the
+    // same action for the same request again, later.
+    store::insert(
+        &mut db.pool.get().await.unwrap(),
+        &[record(
+            "t1",
+            "reconciler/r1",
+            "report:t1:1",
+            "report.duplicate",
+            now,
+        )],
+    )
+    .await
+    .unwrap();
+    let stored = store::insert(
+        &mut db.pool.get().await.unwrap(),
+        &[
+            record(
+                "t1",
+                "reconciler/r1",
+                "report:t1:1",
+                "report.duplicate",
+                later,
+            ),
+            // The first one published again (an outbox re-publish) is not stored twice.
+            record(
+                "t1",
+                "reconciler/r1",
+                "report:t1:1",
+                "report.duplicate",
+                now,
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored, 1, "only the later occurrence is new");
+    let client = db.pool.get().await.unwrap();
+    let reports = store::verify(&client, None).await.unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!((reports[0].links, reports[0].events), (2, 2));
+    assert!(reports[0].problems.is_empty(), "{reports:?}");
+}

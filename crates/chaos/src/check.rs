@@ -208,7 +208,8 @@ pub async fn check(env: &Env, ledger: &Ledger, timeout: Duration) -> anyhow::Res
         .await?
         .get(0);
     verdict.redelivered = redelivered as usize;
-    for day in devsync_store::audit::verify(&db, None).await? {
+    let mut db = db;
+    for day in devsync_store::audit::verify_snapshot(&mut db, None).await? {
         for problem in day.problems {
             verdict
                 .problems

@@ -40,6 +40,16 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// Appends a later load over the same devices.
+    pub fn merge(&mut self, later: Ledger) {
+        for (id, entries) in later.devices {
+            match self.devices.iter_mut().find(|(d, _)| *d == id) {
+                Some((_, mine)) => mine.extend(entries),
+                None => self.devices.push((id, entries)),
+            }
+        }
+    }
+
     pub fn count(&self, outcome: Sent) -> usize {
         self.entries().filter(|e| e.outcome == outcome).count()
     }

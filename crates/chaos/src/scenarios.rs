@@ -53,6 +53,8 @@ pub struct Row {
     pub p99_all_ms: Option<f64>,
     /// Scenario-specific figures.
     pub notes: String,
+    /// The scenario could not run here (the notes say why).
+    pub skipped: bool,
 }
 
 impl Row {
@@ -115,6 +117,7 @@ where
         p99_all_ms: ledger.p99_ms(None),
         recovery_seconds: recovery,
         verdict,
+        skipped: false,
         notes,
     })
 }
@@ -277,6 +280,272 @@ pub async fn overload(dir: &Path, size: Size) -> anyhow::Result<Row> {
     .await
 }
 
+/// 10. One device floods at 100 times its rate limit while the others report normally: the
+///     flood is refused (rate limit) and the others lose nothing; their p99 is compared with a
+///     baseline run just before, without the flood.
+pub async fn flood(dir: &Path, size: Size) -> anyhow::Result<Row> {
+    let mut env = Env::start(dir, size.devices).await?;
+    base(&mut env, 1).await?;
+    let url = env.nats.url().to_owned();
+    let half = size.reports_per_device / 2;
+    let mut spec = size.load();
+    spec.devices = 1..size.devices;
+    spec.reports_per_device = half;
+    let baseline = load::run_owned(url.clone(), spec.clone(), CancellationToken::new()).await?;
+    let baseline_p99 = baseline.p99_ms(None);
+    // The requestor's default limit is 20 reports/s per device.
+    let flood_rate = 2000u32;
+    let stop = CancellationToken::new();
+    let flooder = tokio::spawn(flood_device(url.clone(), flood_rate, stop.clone()));
+    spec.first_sequence = half;
+    let flooded = load::run_owned(url, spec, CancellationToken::new()).await?;
+    stop.cancel();
+    let (sent, accepted, refused) = flooder.await.context("flood task")??;
+    let flooded_p99 = flooded.p99_ms(None);
+    let mut ledger = baseline;
+    ledger.merge(flooded);
+    let verdict = check::check(&env, &ledger, Duration::from_secs(180)).await?;
+    env.stop_services();
+    let ratio = match (flooded_p99, baseline_p99) {
+        (Some(f), Some(b)) if b > 0.0 => format!("{:.2}", f / b),
+        _ => "-".into(),
+    };
+    Ok(Row {
+        scenario: "flood",
+        fault: format!(
+            "1 device at {flood_rate}/s (100x its limit) beside {} normal ones",
+            size.devices - 1
+        ),
+        recovery_seconds: 0.0,
+        p99_fault_ms: flooded_p99,
+        p99_all_ms: baseline_p99,
+        skipped: false,
+        notes: format!(
+            "others' p99 {ratio}x the baseline (target <= 1.2x); flood: {sent} sent, {accepted} accepted, {refused} refused"
+        ),
+        verdict,
+    })
+}
+
+/// Sends reports as `sim-000000` at `rate` until `stop`; returns (sent, accepted, refused).
+async fn flood_device(
+    url: String,
+    rate: u32,
+    stop: CancellationToken,
+) -> anyhow::Result<(u64, u64, u64)> {
+    use devsync_device::{Device, DeviceError, RetryPolicy};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let client = async_nats::connect(&url).await?;
+    let device = Arc::new(
+        Device::with_client(client, devsync_sim::device_id(0), 0).with_retry(RetryPolicy {
+            timeout: Duration::from_secs(2),
+            attempts: 1,
+            backoff: Duration::from_millis(10),
+        }),
+    );
+    let limiter = governor::RateLimiter::direct(governor::Quota::per_second(
+        std::num::NonZeroU32::new(rate).expect("rate > 0"),
+    ));
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !stop.is_cancelled() && Instant::now() < deadline {
+        limiter.until_ready().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (device, counts) = (device.clone(), counts.clone());
+        tokio::spawn(async move {
+            counts[0].fetch_add(1, Ordering::Relaxed);
+            let state = serde_json::json!({"flood": true});
+            match device.report(&state, false).await {
+                Ok(_) => counts[1].fetch_add(1, Ordering::Relaxed),
+                // Rate-limited answers are retried by the client; one attempt gives up.
+                Err(DeviceError::Refused { .. } | DeviceError::GaveUp { .. }) => {
+                    counts[2].fetch_add(1, Ordering::Relaxed)
+                }
+                Err(_) => 0,
+            };
+            drop(permit);
+        });
+    }
+    let _ = in_flight.acquire_many(256).await;
+    Ok((
+        counts[0].load(Ordering::Relaxed),
+        counts[1].load(Ordering::Relaxed),
+        counts[2].load(Ordering::Relaxed),
+    ))
+}
+
+/// 11. Device messages captured off the wire and replayed: after a second (inside the
+///     deduplication window), after the window, and after the services restarted. No replay
+///     may change any device.
+pub async fn replay(dir: &Path, size: Size) -> anyhow::Result<Row> {
+    use devsync_device::Device;
+    let mut env = Env::start(dir, size.devices).await?;
+    // A short deduplication window, so "after the window" is seconds away.
+    env.set("DEVSYNC_TOPOLOGY__DUPLICATE_WINDOW", "3s");
+    base(&mut env, 1).await?;
+    let url = env.nats.url().to_owned();
+    let ledger = load::run_owned(url.clone(), size.load(), CancellationToken::new()).await?;
+    let verdict = check::check(&env, &ledger, Duration::from_secs(180)).await?;
+    let before = snapshot(&env).await?;
+    // The captured messages: exactly the bytes the device client sent (same encoding).
+    let client = async_nats::connect(&url).await?;
+    let captured: Vec<(String, bytes::Bytes)> = ledger
+        .devices
+        .iter()
+        .flat_map(|(id, entries)| {
+            entries.iter().map(move |e| {
+                (
+                    devsync_types::subjects::ingress(id, devsync_types::MessageKind::Report),
+                    Device::report_bytes(id, e.sequence, &load::report(e.sequence), false),
+                )
+            })
+        })
+        .collect();
+    let mut changed = 0usize;
+    let mut notes = Vec::new();
+    for (when, pause) in [
+        ("after 1s", Duration::from_secs(1)),
+        ("after the dedup window", Duration::from_secs(4)),
+        ("after a restart", Duration::ZERO),
+    ] {
+        if when == "after a restart" {
+            env.stop_services();
+            base(&mut env, 1).await?;
+        }
+        tokio::time::sleep(pause).await;
+        let mut answered = 0usize;
+        for chunk in captured.chunks(200) {
+            let replies = futures::future::join_all(chunk.iter().map(|(subject, body)| {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.request(subject.clone(), body.clone()),
+                )
+            }))
+            .await;
+            answered += replies.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        }
+        idle(&env).await?;
+        let now = snapshot(&env).await?;
+        let differ = before
+            .iter()
+            .zip(&now)
+            .filter(|(before, after)| before != after)
+            .count();
+        changed += differ;
+        notes.push(format!(
+            "{when}: {answered} answered, {differ} devices changed"
+        ));
+    }
+    let mut verdict = verdict;
+    if changed > 0 {
+        verdict
+            .problems
+            .push(format!("replays changed {changed} device states"));
+    }
+    // Replays must not have produced a second report.applied either.
+    let again = check::check(&env, &ledger, Duration::from_secs(60)).await?;
+    verdict.duplicated = again.duplicated;
+    verdict.redelivered = again.redelivered;
+    verdict.problems.extend(again.problems);
+    env.stop_services();
+    Ok(Row {
+        scenario: "replay",
+        fault: format!("{} captured reports replayed 3 times", captured.len()),
+        recovery_seconds: 0.0,
+        p99_fault_ms: None,
+        p99_all_ms: ledger.p99_ms(None),
+        notes: notes.join("; "),
+        skipped: false,
+        verdict,
+    })
+}
+
+/// Every device's (reported, reported_version, last_seq), in id order.
+async fn snapshot(env: &Env) -> anyhow::Result<Vec<(String, serde_json::Value, i64, i64)>> {
+    let db = env.db().await?;
+    Ok(db
+        .query(
+            "SELECT id, reported, reported_version, last_seq FROM devices ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
+}
+
+/// Waits until every consumer of `DEVSYNC_REQ` has nothing pending or unacknowledged.
+async fn idle(env: &Env) -> anyhow::Result<()> {
+    use futures::TryStreamExt as _;
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let stream = js.get_stream(devsync_types::names::STREAM_REQ).await?;
+    let done = crate::env::wait_until(Duration::from_secs(60), || async {
+        // A message in flight between the requestor and the stream is not counted yet.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let infos: Vec<_> = stream.consumers().try_collect().await.ok()?;
+        infos
+            .iter()
+            .all(|c| c.num_pending == 0 && c.num_ack_pending == 0)
+            .then_some(())
+    })
+    .await;
+    done.context("DEVSYNC_REQ did not drain within 60s")
+}
+
+/// 12. A device trying other devices' subjects, wildcards, other inboxes and the JetStream
+///     API under the NATS config of `deploy/nats/`: `deploy/nats/check_permissions.py` plays
+///     every user's part against a real nats-server with that config (every refusal must be
+///     the server's permission error, every allowed action must take effect). It needs the
+///     Python environment `just chart-test` installs (`.tools/venv`).
+pub async fn permissions(_dir: &Path, _size: Size) -> anyhow::Result<Row> {
+    let root = devsync_localstack::workspace_root();
+    let python = root.join(".tools/venv/bin/python");
+    let mut verdict = Verdict::default();
+    let notes;
+    let skipped = !python.is_file();
+    if python.is_file() {
+        let nats = devsync_localstack::nats::find_binary()?;
+        let port = devsync_localstack::free_port()?;
+        let output = tokio::process::Command::new(&python)
+            .current_dir(&root)
+            .arg("deploy/nats/check_permissions.py")
+            .arg(&nats)
+            .arg(port.to_string())
+            .output()
+            .await
+            .context("run deploy/nats/check_permissions.py")?;
+        let text = String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr);
+        let summary = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("passed"))
+            .unwrap_or("no summary")
+            .trim()
+            .to_owned();
+        if !output.status.success() {
+            verdict
+                .problems
+                .push(format!("permission checks failed: {summary}"));
+        }
+        notes = summary;
+    } else {
+        notes = "skipped: .tools/venv is missing (run just chart-test once)".to_owned();
+    }
+    Ok(Row {
+        scenario: "permissions",
+        fault: "devices and services try what they may not (deploy/nats config)".into(),
+        recovery_seconds: 0.0,
+        p99_fault_ms: None,
+        p99_all_ms: None,
+        notes,
+        skipped,
+        verdict,
+    })
+}
+
 /// Runs every scenario named in `only` (all when empty), in order, each in its own
 /// directory under `dir`.
 pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<Vec<Row>> {
@@ -285,12 +554,15 @@ pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<
         Size,
     )
         -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Row>> + 'a>>;
-    let all: [(&str, Scenario); 5] = [
+    let all: [(&str, Scenario); 8] = [
         ("kill-reconciler", |d, s| Box::pin(kill_reconciler(d, s))),
         ("commit-crash", |d, s| Box::pin(commit_crash(d, s))),
         ("postgres-crash", |d, s| Box::pin(postgres_crash(d, s))),
         ("table-lock", |d, s| Box::pin(table_lock(d, s))),
         ("overload", |d, s| Box::pin(overload(d, s))),
+        ("flood", |d, s| Box::pin(flood(d, s))),
+        ("replay", |d, s| Box::pin(replay(d, s))),
+        ("permissions", |d, s| Box::pin(permissions(d, s))),
     ];
     let mut rows = Vec::new();
     for (name, scenario) in all {

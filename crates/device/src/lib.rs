@@ -136,15 +136,22 @@ impl Device {
 
     /// Reports state: a merge patch over what was reported before, or the whole document.
     pub async fn report(&self, state: &Value, full: bool) -> Result<Accepted, DeviceError> {
-        let report = DeviceReport {
-            device_id: self.id.to_string(),
-            sequence: self.next_sequence(),
+        let payload = Self::report_bytes(&self.id, self.next_sequence(), state, full);
+        self.send_accepted(MessageKind::Report, payload).await
+    }
+
+    /// The bytes a report of `state` as `sequence` is sent as (what a capture of the wire
+    /// holds, for replay tests).
+    pub fn report_bytes(id: &DeviceId, sequence: u64, state: &Value, full: bool) -> Bytes {
+        DeviceReport {
+            device_id: id.to_string(),
+            sequence,
             reported: Some(json_payload(state)),
             full,
             sent_at: None,
-        };
-        self.send_accepted(MessageKind::Report, report.encode_to_vec().into())
-            .await
+        }
+        .encode_to_vec()
+        .into()
     }
 
     /// Says the device is alive and which desired version it has applied.

@@ -25,7 +25,17 @@ const INSERT: &str = "INSERT INTO audit_events
     ON CONFLICT DO NOTHING
     RETURNING event_id, at";
 
+/// The hash of the events a link covers, named by (event_id, at).
 const BATCH_HASH: &str =
+    "SELECT sha256(convert_to(coalesce(string_agg(devsync_audit_row_text(e), E'\\x1e'
+        ORDER BY e.at, e.event_id), ''), 'UTF8'))
+    FROM audit_events e
+    JOIN unnest($3::text[], $4::timestamptz[]) AS k(event_id, at)
+        ON e.event_id = k.event_id AND e.at = k.at
+    WHERE e.at >= $1 AND e.at < $2";
+
+/// The same for links made before V8, which name their events by id only.
+const BATCH_HASH_BY_ID: &str =
     "SELECT sha256(convert_to(coalesce(string_agg(devsync_audit_row_text(e), E'\\x1e'
         ORDER BY e.at, e.event_id), ''), 'UTF8'))
     FROM audit_events e
@@ -34,8 +44,9 @@ const BATCH_HASH: &str =
 const HEAD: &str =
     "SELECT seq, chain_hash FROM audit_chain WHERE day = $1 ORDER BY seq DESC LIMIT 1";
 
-const LINK: &str = "INSERT INTO audit_chain (day, seq, event_ids, batch_hash, chain_hash)
-    VALUES ($1, $2, $3, $4::bytea, sha256($5::bytea || $4::bytea))";
+const LINK: &str =
+    "INSERT INTO audit_chain (day, seq, event_ids, event_ats, batch_hash, chain_hash)
+    VALUES ($1, $2, $3, $4, $5::bytea, sha256($6::bytea || $5::bytea))";
 
 fn day_bounds(day: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
     let start = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
@@ -85,24 +96,29 @@ pub async fn insert(
             ],
         )
         .await?;
-    let mut by_day: BTreeMap<NaiveDate, Vec<String>> = BTreeMap::new();
+    let mut by_day: BTreeMap<NaiveDate, (Vec<String>, Vec<DateTime<Utc>>)> = BTreeMap::new();
     for row in &stored {
         let at: DateTime<Utc> = row.get(1);
-        by_day.entry(at.date_naive()).or_default().push(row.get(0));
+        let (ids, ats) = by_day.entry(at.date_naive()).or_default();
+        ids.push(row.get(0));
+        ats.push(at);
     }
-    for (day, ids) in &by_day {
+    for (day, (ids, ats)) in &by_day {
         let (start, end) = day_bounds(*day);
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('devsync-audit-chain'), $1)",
             &[&chrono::Datelike::num_days_from_ce(day)],
         )
         .await?;
-        let hash: Vec<u8> = tx.query_one(BATCH_HASH, &[&start, &end, ids]).await?.get(0);
+        let hash: Vec<u8> = tx
+            .query_one(BATCH_HASH, &[&start, &end, ids, ats])
+            .await?
+            .get(0);
         let (seq, previous): (i64, Vec<u8>) = match tx.query_opt(HEAD, &[day]).await? {
             Some(row) => (row.get::<_, i64>(0) + 1, row.get(1)),
             None => (1, Vec::new()),
         };
-        tx.execute(LINK, &[day, &seq, ids, &hash, &previous])
+        tx.execute(LINK, &[day, &seq, ids, ats, &hash, &previous])
             .await?;
     }
     tx.commit().await?;
@@ -305,7 +321,26 @@ pub struct DayReport {
     pub problems: Vec<String>,
 }
 
-/// Verifies the chain of `day`, or of every day with links.
+/// [`verify`] in one read-only snapshot (`REPEATABLE READ`), so events the audit service
+/// stores meanwhile are neither counted without their link nor the other way round. What
+/// `devsyncctl audit verify` runs.
+pub async fn verify_snapshot(
+    client: &mut deadpool_postgres::Object,
+    day: Option<NaiveDate>,
+) -> Result<Vec<DayReport>, StoreError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let reports = verify(&tx, day).await?;
+    tx.commit().await?;
+    Ok(reports)
+}
+
+/// Verifies the chain of `day`, or of every day with links. Run it in one snapshot
+/// ([`verify_snapshot`]) while events are being stored.
 pub async fn verify(
     client: &impl GenericClient,
     day: Option<NaiveDate>,
@@ -324,7 +359,8 @@ pub async fn verify(
         let (start, end) = day_bounds(day);
         let links = client
             .query(
-                "SELECT seq, event_ids, batch_hash, chain_hash FROM audit_chain WHERE day = $1 ORDER BY seq",
+                "SELECT seq, event_ids, batch_hash, chain_hash, event_ats FROM audit_chain
+                 WHERE day = $1 ORDER BY seq",
                 &[&day],
             )
             .await?;
@@ -337,14 +373,27 @@ pub async fn verify(
             let stored_batch: Vec<u8> = link.get(2);
             let stored_chain: Vec<u8> = link.get(3);
             events += ids.len();
-            let row = client
+            let ats: Option<Vec<DateTime<Utc>>> = link.get(4);
+            let batch: Vec<u8> = match &ats {
+                Some(ats) => {
+                    client
+                        .query_one(BATCH_HASH, &[&start, &end, &ids, ats])
+                        .await?
+                }
+                None => {
+                    client
+                        .query_one(BATCH_HASH_BY_ID, &[&start, &end, &ids])
+                        .await?
+                }
+            }
+            .get(0);
+            let chain: Vec<u8> = client
                 .query_one(
-                    &format!("SELECT ({BATCH_HASH}), sha256($4::bytea || ({BATCH_HASH}))"),
-                    &[&start, &end, &ids, &previous],
+                    "SELECT sha256($1::bytea || $2::bytea)",
+                    &[&previous, &batch],
                 )
-                .await?;
-            let batch: Vec<u8> = row.get(0);
-            let chain: Vec<u8> = row.get(1);
+                .await?
+                .get(0);
             if batch != stored_batch {
                 problems.push(format!(
                     "link {seq}: the {} events it covers were altered or removed",

@@ -15,9 +15,9 @@ use crate::output::table;
 /// Runs `devsyncctl audit`.
 pub async fn run(settings: &CommonSettings, args: AuditArgs) -> anyhow::Result<()> {
     let pool = devsync_store::pool(settings.database.url.expose(), 1)?;
-    let client = pool.get().await.context("connect to postgres")?;
+    let mut client = pool.get().await.context("connect to postgres")?;
     if let Some(AuditCommand::Verify { day }) = args.command {
-        let reports = audit::verify(&client, day).await?;
+        let reports = audit::verify_snapshot(&mut client, day).await?;
         let mut out = table(["day", "links", "events", "result"]);
         let mut failed = 0;
         for report in &reports {
