@@ -218,7 +218,7 @@ pub async fn check(env: &Env, ledger: &Ledger, timeout: Duration) -> anyhow::Res
     }
 
     // 5. Dead letters (a report dead-lettered after it was acknowledged is also lost above).
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(crate::env::connect(&env.nats_url).await?);
     if let Ok(mut stream) = js.get_stream(devsync_types::names::STREAM_DLQ).await {
         verdict.dead_letters = stream.info().await?.state.messages;
     }

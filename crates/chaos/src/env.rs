@@ -25,7 +25,10 @@ pub const SERVICE_SETTINGS: &[(&str, &str)] = &[
 /// A scenario's dependencies and services.
 pub struct Env {
     pub dir: PathBuf,
-    pub nats: NatsServer,
+    /// One server, or the three nodes of a JetStream cluster (`n1`..`n3`).
+    pub nats: Vec<NatsServer>,
+    /// The client URL(s), comma-separated.
+    pub nats_url: String,
     postgres: Option<PostgresCluster>,
     postgres_options: PostgresOptions,
     pub database_url: String,
@@ -46,11 +49,25 @@ impl Env {
     /// Starts fresh NATS and PostgreSQL under `dir` (emptied first), migrates, and registers
     /// `devices` simulated devices.
     pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Self> {
+        Self::start_with(dir, devices, 1).await
+    }
+
+    /// Like [`Env::start`] with `nodes` nats-servers: 1, or 3 forming a JetStream cluster
+    /// (services then declare R3 streams).
+    pub async fn start_with(dir: &Path, devices: usize, nodes: usize) -> anyhow::Result<Self> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let dir = std::fs::canonicalize(dir)?;
-        let nats =
-            NatsServer::start(NatsOptions::in_dir(dir.join("nats"))?).context("nats-server")?;
+        let nats = if nodes == 1 {
+            vec![NatsServer::start(NatsOptions::in_dir(dir.join("nats"))?).context("nats-server")?]
+        } else {
+            start_cluster(&dir, nodes).await?
+        };
+        let nats_url = nats
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",");
         let postgres_options = PostgresOptions {
             dir: dir.join("postgres"),
             port: None,
@@ -65,14 +82,19 @@ impl Env {
         devsync_store::ensure_database(&database_url).await?;
         devsync_store::migrate(&database_url).await?;
         devsync_sim::register(&database_url, devices).await?;
+        let mut extra = Vec::new();
+        if nodes > 1 {
+            extra.push(("DEVSYNC_TOPOLOGY__REPLICAS".to_owned(), "3".to_owned()));
+        }
         Ok(Self {
             dir,
             nats,
+            nats_url,
             postgres: Some(postgres),
             postgres_options,
             database_url,
             services: BTreeMap::new(),
-            extra: Vec::new(),
+            extra,
         })
     }
 
@@ -83,7 +105,7 @@ impl Env {
 
     fn service_env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = vec![
-            ("DEVSYNC_NATS__URL".to_owned(), self.nats.url().to_owned()),
+            ("DEVSYNC_NATS__URL".to_owned(), self.nats_url.clone()),
             (
                 "DEVSYNC_DATABASE__URL".to_owned(),
                 self.database_url.clone(),
@@ -212,6 +234,55 @@ impl Env {
             process.stop();
         }
     }
+}
+
+/// Connects to `url` (one URL or a comma-separated list).
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let seeds: Vec<&str> = url.split(',').collect();
+    Ok(async_nats::connect(seeds).await?)
+}
+
+/// Starts a JetStream cluster of `nodes` servers named `n1`.. on loopback, and waits until
+/// it has a meta leader (JetStream answers).
+async fn start_cluster(dir: &Path, nodes: usize) -> anyhow::Result<Vec<NatsServer>> {
+    let client_ports: Vec<u16> = (0..nodes)
+        .map(|_| devsync_localstack::free_port())
+        .collect::<Result<_, _>>()?;
+    let cluster_ports: Vec<u16> = (0..nodes)
+        .map(|_| devsync_localstack::free_port())
+        .collect::<Result<_, _>>()?;
+    let routes = cluster_ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut servers = Vec::new();
+    for i in 0..nodes {
+        let node_dir = dir.join(format!("nats-n{}", i + 1));
+        std::fs::create_dir_all(&node_dir)?;
+        let config = node_dir.join("cluster.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: n{}\ncluster {{\n  name: devsync\n  listen: 127.0.0.1:{}\n  routes: [{routes}]\n}}\n",
+                i + 1,
+                cluster_ports[i]
+            ),
+        )?;
+        let mut options = NatsOptions::in_dir(&node_dir)?;
+        options.port = Some(client_ports[i]);
+        options.config = Some(config);
+        servers.push(NatsServer::start(options).with_context(|| format!("nats node n{}", i + 1))?);
+    }
+    let url = servers[0].url().to_owned();
+    let ready = wait_until(Duration::from_secs(60), || async {
+        let client = async_nats::connect(&url).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        js.query_account().await.ok()
+    })
+    .await;
+    ready.context("the JetStream cluster has no meta leader after 60s")?;
+    Ok(servers)
 }
 
 /// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.

@@ -118,7 +118,7 @@ pub async fn run_owned(
 ) -> anyhow::Result<Ledger> {
     let mut clients = Vec::new();
     for _ in 0..8 {
-        clients.push(async_nats::connect(&nats_url).await?);
+        clients.push(crate::env::connect(&nats_url).await?);
     }
     let limiter = spec.rate.map(|rate| {
         Arc::new(RateLimiter::direct(Quota::per_second(

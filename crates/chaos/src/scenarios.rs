@@ -90,7 +90,7 @@ where
     F: AsyncFnOnce(&mut Env, Instant) -> anyhow::Result<(Duration, Duration, String)>,
 {
     let stop = CancellationToken::new();
-    let url = env.nats.url().to_owned();
+    let url = env.nats_url.clone();
     let started = Instant::now();
     let load = tokio::spawn(load::run_owned(url, spec, stop.clone()));
     let faulted = fault(&mut env, started).await;
@@ -286,7 +286,7 @@ pub async fn overload(dir: &Path, size: Size) -> anyhow::Result<Row> {
 pub async fn flood(dir: &Path, size: Size) -> anyhow::Result<Row> {
     let mut env = Env::start(dir, size.devices).await?;
     base(&mut env, 1).await?;
-    let url = env.nats.url().to_owned();
+    let url = env.nats_url.clone();
     let half = size.reports_per_device / 2;
     let mut spec = size.load();
     spec.devices = 1..size.devices;
@@ -336,7 +336,7 @@ async fn flood_device(
     use devsync_device::{Device, DeviceError, RetryPolicy};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    let client = async_nats::connect(&url).await?;
+    let client = crate::env::connect(&url).await?;
     let device = Arc::new(
         Device::with_client(client, devsync_sim::device_id(0), 0).with_retry(RetryPolicy {
             timeout: Duration::from_secs(2),
@@ -385,12 +385,12 @@ pub async fn replay(dir: &Path, size: Size) -> anyhow::Result<Row> {
     // A short deduplication window, so "after the window" is seconds away.
     env.set("DEVSYNC_TOPOLOGY__DUPLICATE_WINDOW", "3s");
     base(&mut env, 1).await?;
-    let url = env.nats.url().to_owned();
+    let url = env.nats_url.clone();
     let ledger = load::run_owned(url.clone(), size.load(), CancellationToken::new()).await?;
     let verdict = check::check(&env, &ledger, Duration::from_secs(180)).await?;
     let before = snapshot(&env).await?;
     // The captured messages: exactly the bytes the device client sent (same encoding).
-    let client = async_nats::connect(&url).await?;
+    let client = crate::env::connect(&url).await?;
     let captured: Vec<(String, bytes::Bytes)> = ledger
         .devices
         .iter()
@@ -479,7 +479,7 @@ async fn snapshot(env: &Env) -> anyhow::Result<Vec<(String, serde_json::Value, i
 /// Waits until every consumer of `DEVSYNC_REQ` has nothing pending or unacknowledged.
 async fn idle(env: &Env) -> anyhow::Result<()> {
     use futures::TryStreamExt as _;
-    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await?);
+    let js = async_nats::jetstream::new(crate::env::connect(&env.nats_url).await?);
     let stream = js.get_stream(devsync_types::names::STREAM_REQ).await?;
     let done = crate::env::wait_until(Duration::from_secs(60), || async {
         // A message in flight between the requestor and the stream is not counted yet.
@@ -546,6 +546,87 @@ pub async fn permissions(_dir: &Path, _size: Size) -> anyhow::Result<Row> {
     })
 }
 
+/// Index (0-based) of the node leading `DEVSYNC_REQ` in a cluster.
+async fn req_leader(env: &Env) -> anyhow::Result<usize> {
+    let js = async_nats::jetstream::new(crate::env::connect(&env.nats_url).await?);
+    let mut stream = js.get_stream(devsync_types::names::STREAM_REQ).await?;
+    let info = stream.info().await?;
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .context("DEVSYNC_REQ has no leader")?;
+    leader
+        .strip_prefix('n')
+        .and_then(|n| n.parse::<usize>().ok())
+        .map(|n| n - 1)
+        .with_context(|| format!("unexpected server name {leader}"))
+}
+
+/// 3. A 3-node JetStream cluster (R3 streams): kill -9 the node leading `DEVSYNC_REQ` under
+///    load, restart it after `fault`.
+pub async fn kill_nats_node(dir: &Path, size: Size) -> anyhow::Result<Row> {
+    let mut env = Env::start_with(dir, size.devices, 3).await?;
+    base(&mut env, 1).await?;
+    let spec = size.load();
+    let outage = size.fault;
+    under_load(
+        "kill-nats-node",
+        format!("3-node cluster, R3: kill -9 the DEVSYNC_REQ leader, restart after {outage:?}"),
+        env,
+        spec,
+        async move |env: &mut Env, started: Instant| {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let leader = req_leader(env).await?;
+            let from = started.elapsed();
+            env.nats[leader].kill();
+            tokio::time::sleep(outage).await;
+            env.nats[leader].restart()?;
+            Ok((from, started.elapsed(), format!("killed n{}", leader + 1)))
+        },
+    )
+    .await
+}
+
+/// 4. A 3-node JetStream cluster: the node leading `DEVSYNC_REQ` is frozen (SIGSTOP) for
+///    `3 × fault` (30 s at full size), then resumed.
+pub async fn freeze_nats_leader(dir: &Path, size: Size) -> anyhow::Result<Row> {
+    let mut env = Env::start_with(dir, size.devices, 3).await?;
+    base(&mut env, 1).await?;
+    let spec = size.load();
+    let pause = size.fault * 3;
+    under_load(
+        "freeze-nats-leader",
+        format!("3-node cluster, R3: SIGSTOP the DEVSYNC_REQ leader for {pause:?}"),
+        env,
+        spec,
+        async move |env: &mut Env, started: Instant| {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let leader = req_leader(env).await?;
+            let pid = env.nats[leader].pid().context("leader runs")?;
+            let from = started.elapsed();
+            let signal = |name: &str| {
+                std::process::Command::new("kill")
+                    .arg(format!("-{name}"))
+                    .arg(pid.to_string())
+                    .status()
+            };
+            signal("STOP")?;
+            tokio::time::sleep(pause).await;
+            signal("CONT")?;
+            let new_leader = req_leader(env)
+                .await
+                .map_or("?".into(), |n| format!("n{}", n + 1));
+            Ok((
+                from,
+                started.elapsed(),
+                format!("froze n{}; leader after: {new_leader}", leader + 1),
+            ))
+        },
+    )
+    .await
+}
+
 /// Runs every scenario named in `only` (all when empty), in order, each in its own
 /// directory under `dir`.
 pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<Vec<Row>> {
@@ -554,9 +635,13 @@ pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<
         Size,
     )
         -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Row>> + 'a>>;
-    let all: [(&str, Scenario); 8] = [
+    let all: [(&str, Scenario); 10] = [
         ("kill-reconciler", |d, s| Box::pin(kill_reconciler(d, s))),
         ("commit-crash", |d, s| Box::pin(commit_crash(d, s))),
+        ("kill-nats-node", |d, s| Box::pin(kill_nats_node(d, s))),
+        ("freeze-nats-leader", |d, s| {
+            Box::pin(freeze_nats_leader(d, s))
+        }),
         ("postgres-crash", |d, s| Box::pin(postgres_crash(d, s))),
         ("table-lock", |d, s| Box::pin(table_lock(d, s))),
         ("overload", |d, s| Box::pin(overload(d, s))),

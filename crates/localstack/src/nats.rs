@@ -192,6 +192,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Kills the server at once (SIGKILL), keeping its storage.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

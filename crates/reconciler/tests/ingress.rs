@@ -204,3 +204,93 @@ async fn a_flooding_device_is_throttled_while_others_flow() {
     reconciler.stop().await;
     requestor.stop().await;
 }
+
+/// The fuzzing seed corpus (`fuzz/corpus/ingress`, format: first byte picks the kind) through
+/// a real requestor: every message is answered, what the decoder checks refuse is refused by
+/// the service with the same code and audited, and the requestor keeps serving.
+#[tokio::test]
+async fn the_fuzz_corpus_is_answered_refused_as_the_checks_say_and_audited() {
+    const KINDS: [&str; 5] = ["report", "ack", "checkin", "refresh", "firmware"];
+    let stack = Stack::start().await;
+    stack.register(&["fuzz-device"]).await;
+    let mut settings = stack.requestor_settings();
+    settings.requestor.rate_per_device = 1000;
+    settings.requestor.burst_per_device = 1000;
+    let requestor = stack.requestor(settings).await;
+    let client = stack.nats.client().await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/ingress");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 20,
+        "the seed corpus is there: {}",
+        dir.display()
+    );
+    let mut refusals = 0;
+    for file in &files {
+        let data = std::fs::read(file).unwrap();
+        let Some((&selector, payload)) = data.split_first() else {
+            continue;
+        };
+        let subject = format!(
+            "devsync.in.fuzz-device.{}",
+            KINDS[usize::from(selector) % 5]
+        );
+        let expected = devsync_requestor::ingress::check_message(&subject, payload, 256 * 1024);
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(subject.clone(), Bytes::copy_from_slice(payload)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{}: no answer", file.display()))
+        .unwrap();
+        let status = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::STATUS_HEADER))
+            .map(|v| v.as_str().to_owned());
+        match expected {
+            Ok(()) => assert_eq!(
+                status.as_deref(),
+                Some(subjects::STATUS_OK),
+                "{}: accepted",
+                file.display()
+            ),
+            Err((code, _)) => {
+                refusals += 1;
+                assert_eq!(
+                    status.as_deref(),
+                    Some(subjects::STATUS_ERROR),
+                    "{}",
+                    file.display()
+                );
+                let error = ErrorReply::decode(reply.payload).unwrap();
+                assert_eq!(error.code(), code, "{}: {}", file.display(), error.message);
+                assert!(!error.message.is_empty());
+            }
+        }
+    }
+    assert!(
+        refusals >= 10,
+        "the corpus holds bad input ({refusals} refusals)"
+    );
+    let audited = wait_for(Duration::from_secs(10), "every refusal audited", || async {
+        let count = stack
+            .stored(names::STREAM_AUDIT)
+            .await
+            .into_iter()
+            .flat_map(|(_, p)| devsync_runtime::audit::decode(&p).unwrap_or_default())
+            .filter(|e| e.action == "message.refused")
+            .count();
+        (count >= refusals).then_some(count)
+    })
+    .await;
+    assert_eq!(audited, refusals);
+    // Still serving.
+    let device = stack.device("fuzz-device").await;
+    device.check_in(0).await.unwrap();
+    requestor.stop().await;
+}

@@ -368,20 +368,11 @@ impl Ingress {
             }
             Err(error) => return Err(unavailable(format!("device registry: {error}"))),
         }
-        let payload = &message.payload;
-        match kind {
-            MessageKind::Report => {
-                let mut report: DeviceReport = decode(payload, kind)?;
-                check_identity(&device, &report.device_id)?;
-                if report.sequence == 0 {
-                    return Err(Refusal::new(Code::Invalid, "sequence must be at least 1"));
-                }
-                let bytes = inline_state(report.reported.as_ref())?;
-                state::parse_object(&bytes)
-                    .map_err(|e| Refusal::new(Code::Invalid, format!("reported: {e}")))?;
-                if bytes.len() > self.settings.claim_check_threshold {
+        match check_content(&device, kind, &message.payload)? {
+            Checked::Report { mut report, state } => {
+                if state.len() > self.settings.claim_check_threshold {
                     report.reported = Some(
-                        Box::pin(blobs::store(&self.js, bytes))
+                        Box::pin(blobs::store(&self.js, state))
                             .await
                             .map_err(|e| unavailable(format!("claim check: {e}")))?,
                     );
@@ -396,23 +387,7 @@ impl Ingress {
                 );
                 self.enqueue(&device, request_id, request).await
             }
-            MessageKind::Ack => {
-                let mut ack: DesiredAck = decode(payload, kind)?;
-                check_identity(&device, &ack.device_id)?;
-                if ack.desired_version == 0 {
-                    return Err(Refusal::new(
-                        Code::Invalid,
-                        "desired_version must be at least 1",
-                    ));
-                }
-                if !ack.causation_id.is_empty()
-                    && RequestId::parse(ack.causation_id.clone()).is_err()
-                {
-                    return Err(Refusal::new(
-                        Code::Invalid,
-                        "causation_id is not a request id (1-200 printable characters)",
-                    ));
-                }
+            Checked::Ack(mut ack) => {
                 ack.device_id = device.to_string();
                 let request_id = RequestId::for_device_message(&device, kind, ack.sequence);
                 let causation = std::mem::take(&mut ack.causation_id);
@@ -425,9 +400,7 @@ impl Ingress {
                 request.causation_id = causation;
                 self.enqueue(&device, request_id, request).await
             }
-            MessageKind::CheckIn => {
-                let checkin: CheckIn = decode(payload, kind)?;
-                check_identity(&device, &checkin.device_id)?;
+            Checked::CheckIn(checkin) => {
                 self.checkins.seen(&device, received_at);
                 Ok(Answer::Accepted(Accepted {
                     request_id: RequestId::for_device_message(&device, kind, checkin.sequence)
@@ -435,9 +408,7 @@ impl Ingress {
                     duplicate: false,
                 }))
             }
-            MessageKind::Refresh => {
-                let request: RefreshRequest = decode(payload, kind)?;
-                check_identity(&device, &request.device_id)?;
+            Checked::Refresh(request) => {
                 self.checkins.seen(&device, received_at);
                 let started = Instant::now();
                 let reply = Box::pin(refresh::answer(&self.pool, &device, request.since_version))
@@ -599,6 +570,89 @@ fn is_refresh(message: &Message) -> bool {
         .is_some_and(|kind| kind == MessageKind::Refresh.as_str())
 }
 
+/// A device message that passed every check on its content alone.
+enum Checked {
+    Report { report: DeviceReport, state: Bytes },
+    Ack(DesiredAck),
+    CheckIn(CheckIn),
+    Refresh(RefreshRequest),
+}
+
+/// The checks that need nothing but the message: decode, identity, content. Pure, so fuzz
+/// targets and property tests can drive it with anything.
+fn check_content(
+    device: &DeviceId,
+    kind: MessageKind,
+    payload: &Bytes,
+) -> Result<Checked, Refusal> {
+    match kind {
+        MessageKind::Report => {
+            let report: DeviceReport = decode(payload, kind)?;
+            check_identity(device, &report.device_id)?;
+            if report.sequence == 0 {
+                return Err(Refusal::new(Code::Invalid, "sequence must be at least 1"));
+            }
+            let state = inline_state(report.reported.as_ref())?;
+            state::parse_object(&state)
+                .map_err(|e| Refusal::new(Code::Invalid, format!("reported: {e}")))?;
+            Ok(Checked::Report { report, state })
+        }
+        MessageKind::Ack => {
+            let ack: DesiredAck = decode(payload, kind)?;
+            check_identity(device, &ack.device_id)?;
+            if ack.desired_version == 0 {
+                return Err(Refusal::new(
+                    Code::Invalid,
+                    "desired_version must be at least 1",
+                ));
+            }
+            if !ack.causation_id.is_empty() && RequestId::parse(ack.causation_id.clone()).is_err() {
+                return Err(Refusal::new(
+                    Code::Invalid,
+                    "causation_id is not a request id (1-200 printable characters)",
+                ));
+            }
+            Ok(Checked::Ack(ack))
+        }
+        MessageKind::CheckIn => {
+            let checkin: CheckIn = decode(payload, kind)?;
+            check_identity(device, &checkin.device_id)?;
+            Ok(Checked::CheckIn(checkin))
+        }
+        MessageKind::Refresh => {
+            let request: RefreshRequest = decode(payload, kind)?;
+            check_identity(device, &request.device_id)?;
+            Ok(Checked::Refresh(request))
+        }
+    }
+}
+
+/// Runs every check a device message gets before anything else touches it — subject, size,
+/// kind, decode, identity, content — without NATS or a database (the rate limit and the
+/// registry are left out). `Err` carries the refusal's code and message. What the fuzz
+/// targets (`fuzz/`) and the decoder property tests drive.
+pub fn check_message(
+    subject: &str,
+    payload: &[u8],
+    max_payload: usize,
+) -> Result<(), (Code, String)> {
+    let refused = |r: Refusal| (r.code, r.message);
+    let (device, kind) = subjects::parse_ingress(subject)
+        .map_err(|e| refused(Refusal::new(Code::Invalid, e.to_string())))?;
+    if payload.len() > max_payload {
+        return Err((
+            Code::TooLarge,
+            format!("payload is {} bytes", payload.len()),
+        ));
+    }
+    let kind: MessageKind = kind
+        .parse()
+        .map_err(|e: devsync_types::model::UnknownValue| (Code::UnknownKind, e.to_string()))?;
+    check_content(&device, kind, &Bytes::copy_from_slice(payload))
+        .map(|_| ())
+        .map_err(refused)
+}
+
 fn unavailable(message: String) -> Refusal {
     tracing::warn!(reason = %message, "ingress unavailable");
     Refusal {
@@ -656,5 +710,86 @@ fn sync_request(
         causation_id: String::new(),
         kind: Some(kind),
         reply_to: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod decoder_properties {
+    //! The decoders against anything a device could send: no input panics, and structured
+    //! inputs are refused exactly when they break a rule. (Coverage-guided fuzzing of the same
+    //! function: `fuzz/`.)
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: usize = 64 * 1024;
+
+    fn subject(kind: &str) -> String {
+        format!("devsync.in.dev-1.{kind}")
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_refusals_say_why(
+            kind in prop_oneof!["report", "ack", "checkin", "refresh", "bogus"],
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            match check_message(&subject(&kind), &payload, MAX) {
+                Ok(()) => prop_assert!(kind != "bogus"),
+                Err((code, message)) => {
+                    prop_assert!(!message.is_empty());
+                    if kind == "bogus" {
+                        prop_assert_eq!(code, Code::UnknownKind);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_subjects_never_panic(subject in ".{0,80}") {
+            let result = check_message(&subject, &[], MAX);
+            if result.is_ok() {
+                prop_assert!(subject.starts_with("devsync.in."));
+            }
+        }
+
+        #[test]
+        fn a_report_is_accepted_exactly_when_it_follows_the_rules(
+            claimed in prop_oneof![Just(String::new()), Just("dev-1".to_owned()), "[a-z0-9-]{1,12}"],
+            sequence in prop_oneof![Just(0u64), any::<u64>()],
+            body in prop_oneof![
+                Just(None),
+                Just(Some(b"{\"temp\": 21}".to_vec())),
+                proptest::collection::vec(any::<u8>(), 0..64).prop_map(Some),
+                Just(Some(b"[1, 2]".to_vec())),
+            ],
+        ) {
+            let report = DeviceReport {
+                device_id: claimed.clone(),
+                sequence,
+                reported: body.clone().map(|bytes| Payload {
+                    body: Some(payload::Body::InlineJson(bytes.into())),
+                }),
+                full: false,
+                sent_at: None,
+            };
+            let result = check_message(&subject("report"), &report.encode_to_vec(), MAX);
+            let is_object = body
+                .as_ref()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                .is_some_and(|v| v.is_object());
+            let valid = (claimed.is_empty() || claimed == "dev-1") && sequence > 0 && is_object;
+            prop_assert_eq!(result.is_ok(), valid, "{:?}", result);
+            if claimed != "dev-1" && !claimed.is_empty() {
+                prop_assert_eq!(result.unwrap_err().0, Code::WrongIdentity);
+            }
+        }
+
+        #[test]
+        fn oversized_payloads_are_refused_before_decoding(extra in 1usize..1024) {
+            let payload = vec![0u8; MAX + extra];
+            let (code, _) = check_message(&subject("report"), &payload, MAX).unwrap_err();
+            prop_assert_eq!(code, Code::TooLarge);
+        }
     }
 }

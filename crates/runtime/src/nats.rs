@@ -56,8 +56,11 @@ pub async fn connect_with(
                 other => tracing::info!(event = %other, "nats event"),
             }
         });
+    // One URL, or a comma-separated list of seeds (a cluster); the client learns the rest of
+    // the cluster from the servers.
+    let seeds: Vec<&str> = settings.url.split(',').map(str::trim).collect();
     options
-        .connect(settings.url.as_str())
+        .connect(seeds)
         .await
         .map_err(|source| ConnectError::Connect {
             url: settings.url.clone(),
