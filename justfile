@@ -21,6 +21,12 @@ test: setup
     cargo build -q --bins
     target/debug/devsync-chaos --quick --out target/chaos-results
 
+# coverage-guided fuzzing of the device message checks for SECONDS (cargo-fuzz; stable toolchain)
+fuzz SECONDS="60":
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    mkdir -p fuzz/target/corpus
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run ingress target/corpus corpus/ingress -s none -- -max_total_time={{SECONDS}}
+
 # the chaos suite at full size: faults under load, then the checker; prints the reliability table
 chaos *ARGS: setup
     cargo build --release -q --bins

@@ -49,17 +49,33 @@ impl Env {
     /// Starts fresh NATS and PostgreSQL under `dir` (emptied first), migrates, and registers
     /// `devices` simulated devices.
     pub async fn start(dir: &Path, devices: usize) -> anyhow::Result<Self> {
-        Self::start_with(dir, devices, 1).await
+        Self::start_with(dir, devices, 1, None).await
     }
 
     /// Like [`Env::start`] with `nodes` nats-servers: 1, or 3 forming a JetStream cluster
-    /// (services then declare R3 streams).
-    pub async fn start_with(dir: &Path, devices: usize, nodes: usize) -> anyhow::Result<Self> {
+    /// (services then declare R3 streams); a single server may get a JetStream file storage
+    /// limit in bytes.
+    pub async fn start_with(
+        dir: &Path,
+        devices: usize,
+        nodes: usize,
+        max_file_store: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let dir = std::fs::canonicalize(dir)?;
         let nats = if nodes == 1 {
-            vec![NatsServer::start(NatsOptions::in_dir(dir.join("nats"))?).context("nats-server")?]
+            let mut options = NatsOptions::in_dir(dir.join("nats"))?;
+            if let Some(limit) = max_file_store {
+                std::fs::create_dir_all(dir.join("nats"))?;
+                let config = dir.join("nats").join("limits.conf");
+                std::fs::write(
+                    &config,
+                    format!("jetstream {{\n  max_file_store: {limit}\n}}\n"),
+                )?;
+                options.config = Some(config);
+            }
+            vec![NatsServer::start(options).context("nats-server")?]
         } else {
             start_cluster(&dir, nodes).await?
         };

@@ -59,6 +59,7 @@ pub async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
             kills: 3,
             fault: Duration::from_secs(3),
             rate: args.rate.unwrap_or(250),
+            storage_limit: 64 << 20,
         }
     } else {
         scenarios::Size {
@@ -67,6 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
             kills: 20,
             fault: Duration::from_secs(10),
             rate: args.rate.unwrap_or(2500),
+            storage_limit: 512 << 20,
         }
     };
     let rows = scenarios::run_all(&args.dir, size, &args.only).await?;

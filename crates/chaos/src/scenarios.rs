@@ -29,6 +29,8 @@ pub struct Size {
     pub fault: Duration,
     /// Reports per second over all devices: the load spans the faults.
     pub rate: u32,
+    /// JetStream file storage limit in the storage-full scenario, bytes.
+    pub storage_limit: u64,
 }
 
 impl Size {
@@ -566,7 +568,7 @@ async fn req_leader(env: &Env) -> anyhow::Result<usize> {
 /// 3. A 3-node JetStream cluster (R3 streams): kill -9 the node leading `DEVSYNC_REQ` under
 ///    load, restart it after `fault`.
 pub async fn kill_nats_node(dir: &Path, size: Size) -> anyhow::Result<Row> {
-    let mut env = Env::start_with(dir, size.devices, 3).await?;
+    let mut env = Env::start_with(dir, size.devices, 3, None).await?;
     base(&mut env, 1).await?;
     let spec = size.load();
     let outage = size.fault;
@@ -591,7 +593,7 @@ pub async fn kill_nats_node(dir: &Path, size: Size) -> anyhow::Result<Row> {
 /// 4. A 3-node JetStream cluster: the node leading `DEVSYNC_REQ` is frozen (SIGSTOP) for
 ///    `3 × fault` (30 s at full size), then resumed.
 pub async fn freeze_nats_leader(dir: &Path, size: Size) -> anyhow::Result<Row> {
-    let mut env = Env::start_with(dir, size.devices, 3).await?;
+    let mut env = Env::start_with(dir, size.devices, 3, None).await?;
     base(&mut env, 1).await?;
     let spec = size.load();
     let pause = size.fault * 3;
@@ -627,6 +629,67 @@ pub async fn freeze_nats_leader(dir: &Path, size: Size) -> anyhow::Result<Row> {
     .await
 }
 
+/// 7. JetStream storage runs full under load (a hog stream takes what the server's
+///    `max_file_store` leaves), stays full for `fault`, then the space is freed. Publishers get
+///    errors meanwhile; nothing acknowledged may go missing.
+pub async fn storage_full(dir: &Path, size: Size) -> anyhow::Result<Row> {
+    let limit = size.storage_limit;
+    let mut env = Env::start_with(dir, size.devices, 1, Some(limit)).await?;
+    base(&mut env, 1).await?;
+    let spec = size.load();
+    let full_for = size.fault;
+    under_load(
+        "storage-full",
+        format!(
+            "JetStream file storage full ({} MiB limit) for {full_for:?}",
+            limit >> 20
+        ),
+        env,
+        spec,
+        async move |env: &mut Env, started: Instant| {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let js = async_nats::jetstream::new(crate::env::connect(&env.nats_url).await?);
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: "HOG".into(),
+                subjects: vec!["hog.>".into()],
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+            let chunk = bytes::Bytes::from(vec![7u8; 256 * 1024]);
+            let from = started.elapsed();
+            let mut hogged = 0u64;
+            let mut refused = None;
+            // Bounded: at most twice the limit.
+            for _ in 0..(2 * limit / chunk.len() as u64) {
+                let sent = match js.publish("hog.fill", chunk.clone()).await {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                match sent {
+                    Ok(()) => hogged += chunk.len() as u64,
+                    Err(error) => {
+                        refused = Some(error);
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(full_for).await;
+            js.delete_stream("HOG").await?;
+            Ok((
+                from,
+                started.elapsed(),
+                format!(
+                    "hog took {} MiB, then: {}",
+                    hogged >> 20,
+                    refused.as_deref().unwrap_or("never refused")
+                ),
+            ))
+        },
+    )
+    .await
+}
+
 /// Runs every scenario named in `only` (all when empty), in order, each in its own
 /// directory under `dir`.
 pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<Vec<Row>> {
@@ -635,7 +698,7 @@ pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<
         Size,
     )
         -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Row>> + 'a>>;
-    let all: [(&str, Scenario); 10] = [
+    let all: [(&str, Scenario); 11] = [
         ("kill-reconciler", |d, s| Box::pin(kill_reconciler(d, s))),
         ("commit-crash", |d, s| Box::pin(commit_crash(d, s))),
         ("kill-nats-node", |d, s| Box::pin(kill_nats_node(d, s))),
@@ -644,6 +707,7 @@ pub async fn run_all(dir: &Path, size: Size, only: &[String]) -> anyhow::Result<
         }),
         ("postgres-crash", |d, s| Box::pin(postgres_crash(d, s))),
         ("table-lock", |d, s| Box::pin(table_lock(d, s))),
+        ("storage-full", |d, s| Box::pin(storage_full(d, s))),
         ("overload", |d, s| Box::pin(overload(d, s))),
         ("flood", |d, s| Box::pin(flood(d, s))),
         ("replay", |d, s| Box::pin(replay(d, s))),
