@@ -37,6 +37,9 @@ pub struct Verdict {
     /// From the end of the fault until every acknowledged report was in the database.
     pub converge_seconds: f64,
     pub dead_letters: u64,
+    /// Devices whose desired state an admin changed during the fault (each must get a push
+    /// of its final desired version).
+    pub admin_devices: usize,
     /// Everything else that is wrong, in words.
     pub problems: Vec<String>,
 }
@@ -223,4 +226,54 @@ pub async fn check(env: &Env, ledger: &Ledger, timeout: Duration) -> anyhow::Res
         verdict.dead_letters = stream.info().await?.state.messages;
     }
     Ok(verdict)
+}
+
+/// Admin changes made during the fault: every change was relayed (`desired_changes` drained)
+/// and, for each changed device, the reconciler requested a push of its final desired version.
+pub async fn check_admin(
+    env: &Env,
+    devices: &[String],
+    verdict: &mut Verdict,
+) -> anyhow::Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let db = env.db().await?;
+    let relayed = wait_until(Duration::from_secs(60), || async {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM desired_changes", &[])
+            .await
+            .ok()?
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    if relayed.is_none() {
+        verdict
+            .problems
+            .push("admin changes were not all relayed to the reconciler".into());
+    }
+    let pushed = wait_until(Duration::from_secs(60), || async {
+        let missing: i64 = db
+            .query_one(
+                "SELECT count(*) FROM devices d WHERE d.id = ANY($1) AND NOT EXISTS (
+                     SELECT 1 FROM audit_events e
+                     WHERE e.device_id = d.id AND e.action = 'push.requested'
+                       AND (e.details->>'desired_version')::int8 = d.desired_version)",
+                &[&devices],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (missing == 0).then_some(())
+    })
+    .await;
+    if pushed.is_none() {
+        verdict.problems.push(format!(
+            "some of the {} devices changed by an admin got no push of their final desired version",
+            devices.len()
+        ));
+    }
+    verdict.admin_devices = devices.len();
+    Ok(())
 }

@@ -60,6 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
             fault: Duration::from_secs(3),
             rate: args.rate.unwrap_or(250),
             storage_limit: 64 << 20,
+            overload: Duration::from_secs(4),
         }
     } else {
         scenarios::Size {
@@ -69,6 +70,7 @@ pub async fn run(args: Args) -> anyhow::Result<Vec<Row>> {
             fault: Duration::from_secs(10),
             rate: args.rate.unwrap_or(2500),
             storage_limit: 512 << 20,
+            overload: Duration::from_secs(60),
         }
     };
     let rows = scenarios::run_all(&args.dir, size, &args.only).await?;
@@ -103,6 +105,12 @@ pub fn markdown(rows: &[Row]) -> String {
         };
         if !row.notes.is_empty() {
             result.push_str(&format!("; {}", row.notes));
+        }
+        if v.admin_devices > 0 {
+            result.push_str(&format!(
+                "; admin SQL changes on {} devices during the fault, each pushed",
+                v.admin_devices
+            ));
         }
         for problem in v.problems.iter().take(3) {
             result.push_str(&format!("; {problem}"));

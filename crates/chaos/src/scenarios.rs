@@ -31,6 +31,8 @@ pub struct Size {
     pub rate: u32,
     /// JetStream file storage limit in the storage-full scenario, bytes.
     pub storage_limit: u64,
+    /// How long no reconciler runs in the overload scenario.
+    pub overload: Duration,
 }
 
 impl Size {
@@ -94,8 +96,16 @@ where
     let stop = CancellationToken::new();
     let url = env.nats_url.clone();
     let started = Instant::now();
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin_changes(
+        env.database_url.clone(),
+        spec.devices.clone(),
+        admin_stop.clone(),
+    ));
     let load = tokio::spawn(load::run_owned(url, spec, stop.clone()));
     let faulted = fault(&mut env, started).await;
+    admin_stop.cancel();
+    let admin = admin.await.context("admin task")?;
     let (from, to, notes) = match faulted {
         Ok(done) => done,
         Err(error) => {
@@ -107,7 +117,8 @@ where
     let ledger = load.await.context("load task")??;
     let fault_end = started + to;
     let checking = Instant::now();
-    let verdict = check::check(&env, &ledger, Duration::from_secs(180)).await?;
+    let mut verdict = check::check(&env, &ledger, Duration::from_secs(180)).await?;
+    check::check_admin(&env, &admin, &mut verdict).await?;
     // From the end of the fault until the checker saw every acknowledged report applied.
     let recovery =
         verdict.converge_seconds + checking.saturating_duration_since(fault_end).as_secs_f64();
@@ -122,6 +133,44 @@ where
         skipped: false,
         notes,
     })
+}
+
+/// An administrator changing desired state with plain SQL while the fault runs: every 300 ms
+/// a few devices of `devices` get a new desired value. Returns the devices changed (failed
+/// statements, e.g. while PostgreSQL is down, change nothing and are not counted).
+async fn admin_changes(
+    database_url: String,
+    devices: std::ops::Range<usize>,
+    stop: CancellationToken,
+) -> Vec<String> {
+    let mut changed = std::collections::BTreeSet::new();
+    let Ok(pool) = devsync_store::pool(&database_url, 1) else {
+        return Vec::new();
+    };
+    let mut round = 0u64;
+    while !stop.is_cancelled() {
+        round += 1;
+        let ids: Vec<String> = (0..5)
+            .map(|_| devsync_sim::device_id(rand::rng().random_range(devices.clone())).to_string())
+            .collect();
+        if let Ok(client) = pool.get().await
+            && client
+                .execute(
+                    "UPDATE devices SET desired = desired || jsonb_build_object('admin', $2::int8)
+                     WHERE id = ANY($1)",
+                    &[&ids, &(round as i64)],
+                )
+                .await
+                .is_ok()
+        {
+            changed.extend(ids);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+    changed.into_iter().collect()
 }
 
 /// 1. kill -9 a reconciler replica at random moments, `kills` times, during the load.
@@ -245,35 +294,46 @@ pub async fn table_lock(dir: &Path, size: Size) -> anyhow::Result<Row> {
     .await
 }
 
-/// 8. Reports published faster than they are applied (no reconciler for a while, then one),
-///    then drained: the reconciler's memory stays flat while it drains the backlog.
+/// 8. Reports arrive faster than they can be applied: no reconciler runs for `overload` (a
+///    minute at full size) while the whole load goes on and piles up in `DEVSYNC_REQ`; then
+///    one reconciler drains it. Its memory must stay flat while draining (it pulls bounded
+///    batches whatever the backlog), the requestor's too while taking the load, and nothing
+///    may stay stuck.
 pub async fn overload(dir: &Path, size: Size) -> anyhow::Result<Row> {
     let mut env = Env::start(dir, size.devices).await?;
     env.spawn(REQUESTOR, "requestor-1", &[]).await?;
     env.spawn(AUDIT, "audit-1", &[]).await?;
     let spec = size.load();
-    let outage = size.fault;
+    let outage = size.overload;
     under_load(
         "overload",
-        format!("no reconciler for {outage:?} under full load, then drain"),
+        format!("no reconciler for {outage:?} under the load, then one drains the backlog"),
         env,
         spec,
         async move |env: &mut Env, started: Instant| {
             let from = started.elapsed();
             tokio::time::sleep(outage).await;
+            let backlog = pending(env).await?;
+            let requestor_peak = env.peak_rss_mib("requestor-1");
             env.spawn(RECONCILER, "reconciler-1", &[]).await?;
+            let drain_started = Instant::now();
             let first = env.rss_mib("reconciler-1");
-            let mut samples = Vec::new();
-            for _ in 0..10 {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                samples.push(env.rss_mib("reconciler-1"));
+            let mut last = first;
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                last = env.rss_mib("reconciler-1");
+                if pending(env).await? == 0 {
+                    break;
+                }
             }
-            let last = samples.last().copied().unwrap_or(first);
+            let drained = drain_started.elapsed().as_secs_f64();
             Ok((
                 from,
                 started.elapsed(),
                 format!(
-                    "reconciler RSS while draining: {first:.0} -> {last:.0} MiB, peak {:.0} MiB",
+                    "backlog {backlog} drained in {drained:.1}s ({:.0}/s); reconciler RSS {first:.0} -> {last:.0} MiB (peak {:.0}); requestor peak {requestor_peak:.0} MiB",
+                    backlog as f64 / drained.max(0.001),
                     env.peak_rss_mib("reconciler-1")
                 ),
             ))
@@ -478,19 +538,24 @@ async fn snapshot(env: &Env) -> anyhow::Result<Vec<(String, serde_json::Value, i
         .collect())
 }
 
-/// Waits until every consumer of `DEVSYNC_REQ` has nothing pending or unacknowledged.
-async fn idle(env: &Env) -> anyhow::Result<()> {
+/// Messages of `DEVSYNC_REQ` not yet acknowledged by a reconciler (pending or in flight).
+async fn pending(env: &Env) -> anyhow::Result<u64> {
     use futures::TryStreamExt as _;
     let js = async_nats::jetstream::new(crate::env::connect(&env.nats_url).await?);
     let stream = js.get_stream(devsync_types::names::STREAM_REQ).await?;
+    let infos: Vec<_> = stream.consumers().try_collect().await?;
+    Ok(infos
+        .iter()
+        .map(|c| c.num_pending + c.num_ack_pending as u64)
+        .sum())
+}
+
+/// Waits until every consumer of `DEVSYNC_REQ` has nothing pending or unacknowledged.
+async fn idle(env: &Env) -> anyhow::Result<()> {
     let done = crate::env::wait_until(Duration::from_secs(60), || async {
         // A message in flight between the requestor and the stream is not counted yet.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let infos: Vec<_> = stream.consumers().try_collect().await.ok()?;
-        infos
-            .iter()
-            .all(|c| c.num_pending == 0 && c.num_ack_pending == 0)
-            .then_some(())
+        (pending(env).await.ok()? == 0).then_some(())
     })
     .await;
     done.context("DEVSYNC_REQ did not drain within 60s")
