@@ -1,13 +1,15 @@
 //! Which devices may talk to devsync: registered and enabled. Cached per device (positive and
 //! negative answers alike) so ingress costs no database query per message; concurrent misses
-//! for one device share one query.
+//! for one device share one query. The cache is `quick_cache` (about 100 bytes per device; the
+//! fleet's active devices must fit in a requestor's memory budget), entries expire after the
+//! TTL.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use devsync_types::DeviceId;
-use moka::future::Cache;
+use quick_cache::sync::Cache;
 
 /// What the registry knows of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +26,14 @@ pub enum Registration {
 #[derive(Clone)]
 pub struct Registry {
     pool: Pool,
-    cache: Cache<DeviceId, Registration>,
+    ttl: Duration,
+    cache: Arc<Cache<DeviceId, (Registration, Instant)>>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("cached", &self.cache.entry_count())
+            .field("cached", &self.cache.len())
             .finish()
     }
 }
@@ -40,34 +43,44 @@ impl Registry {
     pub fn new(pool: Pool, capacity: u64, ttl: Duration) -> Self {
         Self {
             pool,
-            cache: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .build(),
+            ttl,
+            cache: Arc::new(Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX))),
         }
     }
 
     /// The device's registration; a database error is returned, not cached.
     pub async fn lookup(&self, device: &DeviceId) -> Result<Registration, Arc<String>> {
-        let pool = self.pool.clone();
-        let id = device.clone();
-        self.cache
-            .try_get_with(device.clone(), async move {
-                let client = pool.get().await.map_err(|e| e.to_string())?;
-                let statement = client
-                    .prepare_cached("SELECT enabled FROM devices WHERE id = $1")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let row = client
-                    .query_opt(&statement, &[&id.as_str()])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(match row {
-                    Some(row) if row.get::<_, bool>(0) => Registration::Enabled,
-                    Some(_) => Registration::Disabled,
-                    None => Registration::Unknown,
-                })
-            })
+        for _ in 0..2 {
+            match self.cache.get_value_or_guard_async(device).await {
+                Ok((registration, at)) if at.elapsed() < self.ttl => return Ok(registration),
+                // Expired: drop it and load it again (one query for all waiting).
+                Ok(_) => {
+                    self.cache.remove(device);
+                }
+                Err(guard) => {
+                    let registration = self.query(device).await.map_err(Arc::new)?;
+                    let _ = guard.insert((registration, Instant::now()));
+                    return Ok(registration);
+                }
+            }
+        }
+        self.query(device).await.map_err(Arc::new)
+    }
+
+    async fn query(&self, device: &DeviceId) -> Result<Registration, String> {
+        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let statement = client
+            .prepare_cached("SELECT enabled FROM devices WHERE id = $1")
             .await
+            .map_err(|e| e.to_string())?;
+        let row = client
+            .query_opt(&statement, &[&device.as_str()])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(match row {
+            Some(row) if row.get::<_, bool>(0) => Registration::Enabled,
+            Some(_) => Registration::Disabled,
+            None => Registration::Unknown,
+        })
     }
 }
