@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let kind = KINDS[usize::from(selector) % KINDS.len()];
-    let subject = format!("devsync.in.fuzz-device.{kind}");
+    let device = devsync_types::DeviceId::parse("fuzz-device").expect("a valid id");
+    let subject = devsync_types::subjects::ingress_token(&device, kind);
     if let Err((_, reason)) = devsync_requestor::ingress::check_message(&subject, payload, 64 * 1024) {
         assert!(!reason.is_empty(), "a refusal names its reason");
     }

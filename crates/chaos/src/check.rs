@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::env::{Env, wait_until};
+use crate::env::Env;
 use crate::load::{Ledger, Sent};
 
 /// What the checker found.
@@ -156,7 +156,7 @@ pub async fn check(env: &Env, ledger: &Ledger, timeout: Duration) -> anyhow::Res
     }
 
     // 3. The outbox drains.
-    let drained = wait_until(Duration::from_secs(30), || async {
+    let drained = devsync_testkit::poll_until(Duration::from_secs(30), || async {
         let left: i64 = db
             .query_one("SELECT count(*) FROM outbox", &[])
             .await
@@ -172,7 +172,7 @@ pub async fn check(env: &Env, ledger: &Ledger, timeout: Duration) -> anyhow::Res
     }
 
     // 4. The audit trail: every applied report once, chain intact.
-    let applied_events = wait_until(Duration::from_secs(60), || async {
+    let applied_events = devsync_testkit::poll_until(Duration::from_secs(60), || async {
         let count: i64 = db
             .query_one(
                 "SELECT count(DISTINCT request_id) FROM audit_events
@@ -239,7 +239,7 @@ pub async fn check_admin(
         return Ok(());
     }
     let db = env.db().await?;
-    let relayed = wait_until(Duration::from_secs(60), || async {
+    let relayed = devsync_testkit::poll_until(Duration::from_secs(60), || async {
         let left: i64 = db
             .query_one("SELECT count(*) FROM desired_changes", &[])
             .await
@@ -253,7 +253,7 @@ pub async fn check_admin(
             .problems
             .push("admin changes were not all relayed to the reconciler".into());
     }
-    let pushed = wait_until(Duration::from_secs(60), || async {
+    let pushed = devsync_testkit::poll_until(Duration::from_secs(60), || async {
         let missing: i64 = db
             .query_one(
                 "SELECT count(*) FROM devices d WHERE d.id = ANY($1) AND NOT EXISTS (

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use devsync_bench::procs::ServiceProcess;
@@ -291,7 +291,7 @@ async fn start_cluster(dir: &Path, nodes: usize) -> anyhow::Result<Vec<NatsServe
         servers.push(NatsServer::start(options).with_context(|| format!("nats node n{}", i + 1))?);
     }
     let url = servers[0].url().to_owned();
-    let ready = wait_until(Duration::from_secs(60), || async {
+    let ready = devsync_testkit::poll_until(Duration::from_secs(60), || async {
         let client = async_nats::connect(&url).await.ok()?;
         let js = async_nats::jetstream::new(client);
         js.query_account().await.ok()
@@ -299,22 +299,4 @@ async fn start_cluster(dir: &Path, nodes: usize) -> anyhow::Result<Vec<NatsServe
     .await;
     ready.context("the JetStream cluster has no meta leader after 60s")?;
     Ok(servers)
-}
-
-/// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
-pub async fn wait_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

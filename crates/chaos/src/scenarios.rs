@@ -552,7 +552,7 @@ async fn pending(env: &Env) -> anyhow::Result<u64> {
 
 /// Waits until every consumer of `DEVSYNC_REQ` has nothing pending or unacknowledged.
 async fn idle(env: &Env) -> anyhow::Result<()> {
-    let done = crate::env::wait_until(Duration::from_secs(60), || async {
+    let done = devsync_testkit::poll_until(Duration::from_secs(60), || async {
         // A message in flight between the requestor and the stream is not counted yet.
         tokio::time::sleep(Duration::from_millis(300)).await;
         (pending(env).await.ok()? == 0).then_some(())

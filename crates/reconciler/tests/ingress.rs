@@ -235,10 +235,8 @@ async fn the_fuzz_corpus_is_answered_refused_as_the_checks_say_and_audited() {
         let Some((&selector, payload)) = data.split_first() else {
             continue;
         };
-        let subject = format!(
-            "devsync.in.fuzz-device.{}",
-            KINDS[usize::from(selector) % 5]
-        );
+        let device = devsync_types::DeviceId::parse("fuzz-device").unwrap();
+        let subject = subjects::ingress_token(&device, KINDS[usize::from(selector) % 5]);
         let expected = devsync_requestor::ingress::check_message(&subject, payload, 256 * 1024);
         let reply = tokio::time::timeout(
             Duration::from_secs(5),

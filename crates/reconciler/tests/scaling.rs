@@ -209,15 +209,15 @@ async fn one_then_three_then_two_replicas_under_load_lose_and_repeat_nothing() {
         sent >= 3,
         "the load ran through the changes ({sent} rounds)"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lowest_applied(&stack).await < sent {
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for every report applied ({sent} rounds): {}",
-                diagnose(&stack, sent).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let applied = devsync_testkit::poll_until(Duration::from_secs(60), || async {
+        (lowest_applied(&stack).await >= sent).then_some(())
+    })
+    .await;
+    if applied.is_none() {
+        panic!(
+            "timed out waiting for every report applied ({sent} rounds): {}",
+            diagnose(&stack, sent).await
+        );
     }
     let client = stack.db.pool.get().await.unwrap();
     let rows = client

@@ -725,7 +725,7 @@ mod decoder_properties {
     const MAX: usize = 64 * 1024;
 
     fn subject(kind: &str) -> String {
-        format!("devsync.in.dev-1.{kind}")
+        subjects::ingress_token(&DeviceId::parse("dev-1").unwrap(), kind)
     }
 
     proptest! {

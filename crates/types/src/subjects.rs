@@ -46,6 +46,12 @@ pub const STATUS_ERROR: &str = "error";
 
 /// Where `device` publishes messages of `kind`.
 pub fn ingress(device: &DeviceId, kind: MessageKind) -> String {
+    ingress_token(device, kind.as_str())
+}
+
+/// The ingress subject with any kind token, known or not (what a device may send anyway;
+/// for tests and fuzzing of the ingress checks).
+pub fn ingress_token(device: &DeviceId, kind: &str) -> String {
     format!("devsync.in.{device}.{kind}")
 }
 
