@@ -534,37 +534,14 @@ async fn the_same_action_happening_twice_in_a_day_is_two_events_and_the_chain_ve
     let later = now + chrono::Duration::milliseconds(5);
     // A device replays a message after the deduplication window: the reconciler records the
     // same action for the same request again, later.
-    store::insert(
-        &mut db.pool.get().await.unwrap(),
-        &[record(
-            "t1",
-            "reconciler/r1",
-            "report:t1:1",
-            "report.duplicate",
-            now,
-        )],
-    )
-    .await
-    .unwrap();
+    let duplicate_at = |at| record("t1", "reconciler/r1", "report:t1:1", "report.duplicate", at);
+    store::insert(&mut db.pool.get().await.unwrap(), &[duplicate_at(now)])
+        .await
+        .unwrap();
     let stored = store::insert(
         &mut db.pool.get().await.unwrap(),
-        &[
-            record(
-                "t1",
-                "reconciler/r1",
-                "report:t1:1",
-                "report.duplicate",
-                later,
-            ),
-            // The first one published again (an outbox re-publish) is not stored twice.
-            record(
-                "t1",
-                "reconciler/r1",
-                "report:t1:1",
-                "report.duplicate",
-                now,
-            ),
-        ],
+        // The first one published again (an outbox re-publish) is not stored twice.
+        &[duplicate_at(later), duplicate_at(now)],
     )
     .await
     .unwrap();

@@ -116,16 +116,30 @@ impl ServiceProcess {
             .await?)
     }
 
+    /// A `/proc/<pid>/status` field in KiB (`VmHWM`, `VmRSS`), 0 when unreadable.
+    fn status_kib(&self, field: &str) -> f64 {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| {
+                l.strip_prefix(field)
+                    .is_some_and(|rest| rest.starts_with(':'))
+            })
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The resident set size now, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.status_kib("VmRSS") / 1024.0
+    }
+
     /// Peak RSS and CPU time so far.
     pub fn stats(&self) -> ProcStats {
         let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let peak_kib = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let peak_kib = self.status_kib("VmHWM");
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command name (which may contain spaces): utime is the 12th, stime 13th.
         let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
@@ -141,11 +155,6 @@ impl ServiceProcess {
         }
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -155,14 +164,6 @@ impl ServiceProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-
-    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
-    pub fn signal(&self, signal: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status();
     }
 
     /// Stops the process with SIGTERM (graceful drain) and waits.

@@ -115,17 +115,17 @@ pub async fn check(env: &Env, ledger: &Ledger, timeout: Duration) -> anyhow::Res
     }
 
     // 2. Each device's state is what its applied reports imply; refused ones are absent.
+    let entries_of: BTreeMap<&str, &Vec<crate::load::Entry>> = ledger
+        .devices
+        .iter()
+        .map(|(id, entries)| (id.as_str(), entries))
+        .collect();
     let mut applied_total = 0usize;
     for row in &rows {
         let id: String = row.get(0);
         let reported: serde_json::Value = row.get(1);
         let version: i64 = row.get(2);
-        let entries = &ledger
-            .devices
-            .iter()
-            .find(|(d, _)| d.as_str() == id)
-            .expect("rows are the ledger's devices")
-            .1;
+        let entries = entries_of[id.as_str()];
         let present: Vec<u64> = entries
             .iter()
             .map(|e| e.sequence)

@@ -1,6 +1,6 @@
 //! One scenario's world: its own nats-server and PostgreSQL cluster (so a fault in one
 //! scenario cannot leak into the next), the devsync services as processes (as deployed, so
-//! they can be killed with SIGKILL or stopped with SIGSTOP), and registered devices.
+//! they can be killed with SIGKILL), and registered devices.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub struct Env {
     postgres: Option<PostgresCluster>,
     postgres_options: PostgresOptions,
     pub database_url: String,
-    services: BTreeMap<String, (String, ServiceProcess)>,
+    services: BTreeMap<String, ServiceProcess>,
     extra: Vec<(String, String)>,
 }
 
@@ -148,15 +148,10 @@ impl Env {
         instance: &str,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<()> {
-        let env = self.service_env(extra);
-        let mut process = ServiceProcess::spawn_as(binary, instance, &env, &self.dir)?;
-        process
+        self.spawn_nowait(binary, instance, extra)?
             .wait_ready(Duration::from_secs(60))
             .await
-            .with_context(|| format!("{instance} ready"))?;
-        self.services
-            .insert(instance.to_owned(), (binary.to_owned(), process));
-        Ok(())
+            .with_context(|| format!("{instance} ready"))
     }
 
     /// Starts `binary` as `instance` without waiting (it may crash at once by design).
@@ -165,32 +160,24 @@ impl Env {
         binary: &str,
         instance: &str,
         extra: &[(&str, &str)],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<&mut ServiceProcess> {
         let env = self.service_env(extra);
         let process = ServiceProcess::spawn_as(binary, instance, &env, &self.dir)?;
-        self.services
-            .insert(instance.to_owned(), (binary.to_owned(), process));
-        Ok(())
+        self.services.insert(instance.to_owned(), process);
+        Ok(self.services.get_mut(instance).expect("inserted just now"))
     }
 
     /// Whether `instance` is running.
     pub fn is_running(&mut self, instance: &str) -> bool {
         self.services
             .get_mut(instance)
-            .is_some_and(|(_, p)| p.is_running())
+            .is_some_and(ServiceProcess::is_running)
     }
 
     /// SIGKILLs `instance`.
     pub fn kill(&mut self, instance: &str) {
-        if let Some((_, process)) = self.services.get_mut(instance) {
+        if let Some(process) = self.services.get_mut(instance) {
             process.kill();
-        }
-    }
-
-    /// Sends `signal` to `instance`.
-    pub fn signal(&self, instance: &str, signal: &str) {
-        if let Some((_, process)) = self.services.get(instance) {
-            process.signal(signal);
         }
     }
 
@@ -198,24 +185,14 @@ impl Env {
     pub fn peak_rss_mib(&self, instance: &str) -> f64 {
         self.services
             .get(instance)
-            .map_or(0.0, |(_, p)| p.stats().peak_rss_mib)
+            .map_or(0.0, |p| p.stats().peak_rss_mib)
     }
 
     /// Current RSS (MiB) of `instance`.
     pub fn rss_mib(&self, instance: &str) -> f64 {
-        self.services.get(instance).map_or(0.0, |(_, p)| {
-            let pid = p.pid();
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|status| {
-                    status
-                        .lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|v| v.parse::<f64>().ok())
-                })
-                .map_or(0.0, |kib| kib / 1024.0)
-        })
+        self.services
+            .get(instance)
+            .map_or(0.0, ServiceProcess::rss_mib)
     }
 
     /// Immediate shutdown of PostgreSQL (no checkpoint: crash recovery on the next start).
@@ -246,7 +223,7 @@ impl Env {
 
     /// Stops every service gracefully.
     pub fn stop_services(&mut self) {
-        for (_, (_, process)) in std::mem::take(&mut self.services) {
+        for process in std::mem::take(&mut self.services).into_values() {
             process.stop();
         }
     }

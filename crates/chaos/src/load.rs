@@ -36,7 +36,6 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Ledger {
     pub devices: Vec<(DeviceId, Vec<Entry>)>,
-    pub started: Option<Instant>,
 }
 
 impl Ledger {
@@ -164,10 +163,7 @@ pub async fn run_owned(
             (id, entries)
         });
     }
-    let mut ledger = Ledger {
-        devices: Vec::new(),
-        started: Some(started),
-    };
+    let mut ledger = Ledger::default();
     while let Some(done) = tasks.join_next().await {
         ledger.devices.push(done?);
     }

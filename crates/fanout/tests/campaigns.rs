@@ -317,18 +317,8 @@ async fn a_campaign_aborts_when_its_failure_ratio_is_crossed() {
         "the rest was never dispatched: {done:?}"
     );
     let untouched: i64 = stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*) FROM devices WHERE desired_version = 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .scalar("SELECT count(*) FROM devices WHERE desired_version = 0")
+        .await;
     assert_eq!(
         untouched, done.pending,
         "undispatched devices kept their state"

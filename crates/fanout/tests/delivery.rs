@@ -102,16 +102,7 @@ async fn a_sql_edit_reaches_the_device_also_when_made_while_the_requestor_was_do
     stack
         .sql(r#"UPDATE devices SET desired = desired || '{"fw": "2.1"}' WHERE id = 'd-1'"#)
         .await;
-    let waiting: i64 = stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM desired_changes", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let waiting: i64 = stack.scalar("SELECT count(*) FROM desired_changes").await;
     assert_eq!(waiting, 1, "the change is captured, not yet relayed");
     // ...and is relayed once one is back.
     let requestor = stack.requestor(stack.requestor_settings()).await;
@@ -129,18 +120,8 @@ async fn a_sql_edit_reaches_the_device_also_when_made_while_the_requestor_was_do
     // The relay commits its cursor after publishing: it reaches the second change.
     wait_for(DEADLINE, "the relay's cursor persisted", || async {
         let cursor: i64 = stack
-            .db
-            .pool
-            .get()
-            .await
-            .unwrap()
-            .query_one(
-                "SELECT last_id FROM relay_cursors WHERE name = 'desired_changes'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+            .scalar("SELECT last_id FROM relay_cursors WHERE name = 'desired_changes'")
+            .await;
         (cursor == 2).then_some(())
     })
     .await;
@@ -295,18 +276,8 @@ async fn push_active_skips_sleeping_devices_which_pull_on_wake_up_and_pull_only_
     .await;
     let held = awake.last_desired().await.unwrap().unwrap();
     let version: i64 = stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT desired_version FROM devices WHERE id = 'awake-1'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .scalar("SELECT desired_version FROM devices WHERE id = 'awake-1'")
+        .await;
     assert!(
         (held.desired_version as i64) < version,
         "pull-only wrote nothing: kv at {} while the database is at {version}",

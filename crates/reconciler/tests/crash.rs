@@ -14,16 +14,7 @@ use devsync_types::names;
 use serde_json::json;
 
 async fn outbox_rows(stack: &Stack) -> i64 {
-    stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0)
+    stack.scalar("SELECT count(*) FROM outbox").await
 }
 
 #[tokio::test]

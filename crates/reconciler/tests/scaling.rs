@@ -41,18 +41,8 @@ async fn members(stack: &Stack) -> usize {
 /// reports applied).
 async fn lowest_applied(stack: &Stack) -> i64 {
     stack
-        .db
-        .pool
-        .get()
+        .scalar("SELECT coalesce(min(reported_version), 0) FROM devices")
         .await
-        .unwrap()
-        .query_one(
-            "SELECT coalesce(min(reported_version), 0) FROM devices",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// What is behind when reports are missing: the devices behind, and the state of every

@@ -50,21 +50,21 @@ impl Registry {
 
     /// The device's registration; a database error is returned, not cached.
     pub async fn lookup(&self, device: &DeviceId) -> Result<Registration, Arc<String>> {
-        for _ in 0..2 {
-            match self.cache.get_value_or_guard_async(device).await {
-                Ok((registration, at)) if at.elapsed() < self.ttl => return Ok(registration),
-                // Expired: drop it and load it again (one query for all waiting).
-                Ok(_) => {
-                    self.cache.remove(device);
-                }
-                Err(guard) => {
-                    let registration = self.query(device).await.map_err(Arc::new)?;
-                    let _ = guard.insert((registration, Instant::now()));
-                    return Ok(registration);
-                }
+        if let Some((registration, at)) = self.cache.get(device) {
+            if at.elapsed() < self.ttl {
+                return Ok(registration);
+            }
+            self.cache.remove(device);
+        }
+        // A miss: the first caller queries, concurrent callers for the device wait for it.
+        match self.cache.get_value_or_guard_async(device).await {
+            Ok((registration, _)) => Ok(registration),
+            Err(guard) => {
+                let registration = self.query(device).await.map_err(Arc::new)?;
+                let _ = guard.insert((registration, Instant::now()));
+                Ok(registration)
             }
         }
-        self.query(device).await.map_err(Arc::new)
     }
 
     async fn query(&self, device: &DeviceId) -> Result<Registration, String> {

@@ -80,18 +80,8 @@ async fn a_sweep_runs_once_per_period_on_one_replica_and_survives_the_holder_bei
         "one replica runs the sweeps: {first:?}"
     );
     let affected: i64 = stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT affected FROM sweep_runs WHERE sweep = 'drift' ORDER BY id LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .scalar("SELECT affected FROM sweep_runs WHERE sweep = 'drift' ORDER BY id LIMIT 1")
+        .await;
     assert_eq!(
         affected, 1,
         "the drifting device, and only it, was re-pushed"

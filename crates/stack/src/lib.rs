@@ -183,6 +183,19 @@ impl Stack {
             .unwrap();
     }
 
+    /// The single `int8` a query without parameters returns (a count, a minimum...).
+    pub async fn scalar(&self, query: &str) -> i64 {
+        self.db
+            .pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(query, &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub async fn sql(&self, statement: &str) {
         self.db
             .pool
