@@ -36,6 +36,9 @@ pub struct AuditSettings {
     /// Messages stored per transaction. A message carries up to 500 events, so this also
     /// bounds the events held in memory (64 × 500).
     pub batch_size: usize,
+    /// Batches stored at once by this replica, each on its own pull of the shared consumer and
+    /// its own database connection (the hash chain alone takes turns).
+    pub workers: usize,
     /// How often partitions are created ahead and old ones dropped.
     #[serde(with = "humantime_serde")]
     pub maintain_every: Duration,
@@ -48,6 +51,7 @@ impl Default for AuditSettings {
         Self {
             retention: Duration::from_secs(30 * 24 * 3600),
             batch_size: 64,
+            workers: 2,
             maintain_every: Duration::from_secs(3600),
             partitions_ahead: 7,
         }
@@ -76,6 +80,12 @@ impl SettingsTrait for Settings {
             return Err(ConfigError::invalid(
                 "audit.batch_size",
                 "must be between 1 and 10000",
+            ));
+        }
+        if !(1..=16).contains(&self.audit.workers) {
+            return Err(ConfigError::invalid(
+                "audit.workers",
+                "must be between 1 and 16",
             ));
         }
         Ok(())
@@ -133,20 +143,27 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     ));
     let mut spec = service.worker_spec(names::STREAM_AUDIT, names::CONSUMER_AUDIT, None);
     spec.batch_size = settings.audit.batch_size;
-    let consumer = tokio::spawn(worker::run(
-        service.js.clone(),
-        spec,
-        Arc::new(ingest::Ingest::new(service.pool.clone(), metrics)),
-        worker_metrics,
-        shutdown.clone(),
-    ));
+    let ingest = Arc::new(ingest::Ingest::new(service.pool.clone(), metrics));
+    let consumers: Vec<_> = (0..settings.audit.workers)
+        .map(|_| {
+            tokio::spawn(worker::run(
+                service.js.clone(),
+                spec.clone(),
+                ingest.clone(),
+                worker_metrics.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
     let maintenance = tokio::spawn(maintain(
         service.pool.clone(),
         settings.audit.clone(),
         shutdown.clone(),
     ));
     let task = tokio::spawn(async move {
-        let _ = consumer.await;
+        for consumer in consumers {
+            let _ = consumer.await;
+        }
         let _ = maintenance.await;
         let _ = nats_api.await;
         let _ = http.task.await;

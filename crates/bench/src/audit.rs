@@ -55,7 +55,6 @@ pub async fn run(
     let env = vec![
         ("DEVSYNC_NATS__URL".to_owned(), nats_url.to_owned()),
         ("DEVSYNC_DATABASE__URL".to_owned(), database_url.to_owned()),
-        ("DEVSYNC_AUDIT__BATCH_SIZE".to_owned(), "200".to_owned()),
     ];
     let mut service = ServiceProcess::spawn("devsync-audit", &env, dir)?;
     service.wait_ready(Duration::from_secs(60)).await?;
@@ -85,12 +84,13 @@ pub async fn run(
         }
     }
     devsync_runtime::publish::publish_all(&js, messages).await?;
+    // Progress from the service's own counter: a count(*) every 100 ms would itself scan up to
+    // a million rows and take CPU from the ingest it measures.
     loop {
-        let stored: i64 = client
-            .query_one("SELECT count(*) FROM audit_events", &[])
-            .await?
-            .get(0);
-        if (stored - before) as u64 >= ingest {
+        let metrics = service.metrics().await.unwrap_or_default();
+        let stored = crate::procs::counter(&metrics, "devsync_audit_events_stored_total")
+            .unwrap_or(0.0) as u64;
+        if stored >= ingest {
             break;
         }
         if started.elapsed() > Duration::from_secs(1800) {
@@ -99,6 +99,15 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ingest_per_second = ingest as f64 / started.elapsed().as_secs_f64();
+    let counted: i64 = client
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        (counted - before) as u64 == ingest,
+        "audit ingest: the service counted {ingest} events stored, the table grew by {}",
+        counted - before
+    );
     let stats = service.stop();
 
     // History: stored directly, spread over the last 20 days and 10,000 devices.

@@ -44,6 +44,55 @@ pub struct Results {
     /// Refreshes at 1,000/s once the load is over.
     pub refresh_idle: Option<RefreshFigures>,
     pub services: Vec<ProcStats>,
+    /// The full-speed load second by second (cumulative counts).
+    pub timeline: Vec<Sample>,
+    /// Ingress answer latency by percentile: (percentile, ms), for the chart.
+    pub ingress_percentiles: Vec<(f64, f64)>,
+}
+
+/// Cumulative counts at one point of the full-speed load.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sample {
+    /// Seconds since the first report was sent.
+    pub second: f64,
+    /// Reports answered by the requestor as durable.
+    pub accepted: u64,
+    /// Reports applied in PostgreSQL (the reconciler's counter).
+    pub applied: u64,
+}
+
+/// The percentiles drawn in the latency chart.
+const PERCENTILES: [f64; 12] = [
+    1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99,
+];
+
+/// Samples the cumulative counts every second until `stop`.
+async fn sample(
+    started: Instant,
+    accepted: Arc<AtomicU64>,
+    reconciler_http: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<Sample> {
+    let url = format!("http://{reconciler_http}/metrics");
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut samples = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let applied = match reqwest::get(&url).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => continue,
+        };
+        samples.push(Sample {
+            second: started.elapsed().as_secs_f64(),
+            accepted: accepted.load(Ordering::Relaxed),
+            applied: procs::counter(&applied, "devsync_reports_applied_total").unwrap_or(0.0)
+                as u64,
+        });
+    }
+    samples
 }
 
 /// Latency of refreshes sent at a fixed rate.
@@ -244,12 +293,21 @@ pub async fn run(
     }
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn(sample(
+        started,
+        accepted.clone(),
+        reconciler.http.clone(),
+        stop_sampling.clone(),
+    ));
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..concurrency {
         let client = clients[worker % clients.len()].clone();
         let next = next.clone();
         let errors = errors.clone();
+        let accepted = accepted.clone();
         workers.spawn(async move {
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
@@ -276,6 +334,7 @@ pub async fn run(
                             .is_some_and(|v| v.as_str() == subjects::STATUS_OK));
                         if ok {
                             let _ = histogram.record(sent.elapsed().as_micros() as u64);
+                            accepted.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -295,24 +354,35 @@ pub async fn run(
 
     let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     tokio::spawn(connection);
-    let per_device_i64 = per_device as i64;
+    // Progress from the reconciler's counter (a count over the devices table every 200 ms
+    // would take PostgreSQL CPU from the load it measures); the table is checked once after.
     loop {
-        let done: i64 = client
-            .query_one(
-                "SELECT count(*) FROM devices WHERE id LIKE 'sim-%' AND last_seq >= $1",
-                &[&per_device_i64],
-            )
-            .await?
-            .get(0);
-        if done as usize >= devices {
+        let metrics = reconciler.metrics().await.unwrap_or_default();
+        let applied = procs::counter(&metrics, "devsync_reports_applied_total").unwrap_or(0.0);
+        if applied as u64 >= total {
             break;
         }
         if started.elapsed() > Duration::from_secs(3600) {
-            anyhow::bail!("the database did not catch up within an hour ({done}/{devices})");
+            anyhow::bail!("the database did not catch up within an hour ({applied}/{total})");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let applied_seconds = started.elapsed().as_secs_f64();
+    stop_sampling.cancel();
+    let timeline = sampler.await?;
+    let per_device_i64 = per_device as i64;
+    let done: i64 = client
+        .query_one(
+            "SELECT count(*) FROM devices WHERE id LIKE 'sim-%' AND last_seq >= $1",
+            &[&per_device_i64],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        done as usize == devices,
+        "the reconciler counted {total} reports applied, but only {done} of {devices} devices \
+         have all their reports"
+    );
     let refresh_under_load = refresh_load.await?.ok();
     // Scenario c: reports paced at half the measured peak, refreshes at 1,000/s alongside.
     let half = (total as f64 / applied_seconds / 2.0) as u32;
@@ -355,6 +425,11 @@ pub async fn run(
         half_load,
         refresh_idle,
         services: vec![requestor.stop(), reconciler.stop(), audit.stop()],
+        timeline,
+        ingress_percentiles: PERCENTILES
+            .iter()
+            .map(|p| (*p, latency.value_at_percentile(*p) as f64 / 1000.0))
+            .collect(),
     };
     Ok(results)
 }

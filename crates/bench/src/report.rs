@@ -42,8 +42,14 @@ fn machine() -> String {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let postgres = crate::POSTGRES_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "{cores} cores ({cpu}), {memory:.0} GiB; NATS, PostgreSQL and all services on the same machine"
+        "{cores} cores ({cpu}), {memory:.0} GiB; NATS, PostgreSQL and all services on the same machine; \
+         PostgreSQL with fsync and synchronous commit on, {postgres}"
     )
 }
 
@@ -69,8 +75,8 @@ impl Results {
         }
     }
 
-    /// The Markdown report.
-    pub fn markdown(&self) -> String {
+    /// The Markdown report; `chart` is the file name of the chart image beside it, if drawn.
+    pub fn markdown(&self, chart: Option<&str>) -> String {
         let r = &self.raw;
         let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
         let mut out = String::new();
@@ -161,6 +167,12 @@ impl Results {
                     out,
                     "| {} | {:.1} MiB | {:.1} s |",
                     s.name, s.peak_rss_mib, s.cpu_seconds
+                );
+            }
+            if let Some(chart) = chart {
+                let _ = writeln!(
+                    out,
+                    "\n![reports per second over the run, and ingress latency by percentile]({chart})"
                 );
             }
         }
@@ -259,10 +271,11 @@ impl Results {
 
     /// Prints the report.
     pub fn print(&self) {
-        println!("\n{}", self.markdown());
+        println!("\n{}", self.markdown(None));
     }
 
-    /// Writes `<out>/<stamp>.json` and `.md`; returns the Markdown path.
+    /// Writes `<out>/<stamp>.json`, `.md` and, with scenario a, the chart `.svg`; returns the
+    /// Markdown path.
     pub fn write(&self, out: &Path) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(out)?;
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
@@ -270,8 +283,16 @@ impl Results {
             out.join(format!("{stamp}.json")),
             serde_json::to_vec_pretty(self)?,
         )?;
+        let chart = match &self.e2e {
+            Some(e2e) => {
+                let name = format!("{stamp}.svg");
+                crate::chart::render(e2e, &out.join(&name))?;
+                Some(name)
+            }
+            None => None,
+        };
         let md = out.join(format!("{stamp}.md"));
-        std::fs::write(&md, self.markdown())?;
+        std::fs::write(&md, self.markdown(chart.as_deref()))?;
         Ok(md)
     }
 }

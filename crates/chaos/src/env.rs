@@ -88,6 +88,7 @@ impl Env {
             dir: dir.join("postgres"),
             port: None,
             ephemeral: false,
+            settings: Vec::new(),
         };
         let postgres = PostgresCluster::start(postgres_options.clone()).context("postgres")?;
         let postgres_options = PostgresOptions {

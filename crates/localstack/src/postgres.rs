@@ -19,6 +19,8 @@ pub struct PostgresOptions {
     pub port: Option<u16>,
     /// Turns off fsync and friends: fast, and fine for tests and throwaway stacks.
     pub ephemeral: bool,
+    /// More server settings, as `-c name=value`.
+    pub settings: Vec<(String, String)>,
 }
 
 /// A running private cluster; stopped on drop unless [`PostgresCluster::leave_running`].
@@ -139,6 +141,9 @@ impl PostgresCluster {
         );
         if options.ephemeral {
             settings.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
+        for (name, value) in &options.settings {
+            settings.push_str(&format!(" -c {name}={value}"));
         }
         let log = options.dir.join("postgres.log");
         let mut start = cluster.command("pg_ctl");

@@ -7,7 +7,6 @@
 //! day. Links of a day are written under an advisory lock, so replicas take turns per day.
 //! Verification recomputes every link: a row changed, removed or slipped in by hand breaks it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -18,12 +17,22 @@ use serde_json::Value;
 
 use crate::StoreError;
 
-const INSERT: &str = "INSERT INTO audit_events
-        (at, event_id, device_id, worker_id, request_id, stage, action, outcome, details, trace_id)
-    SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::text[])
-    ON CONFLICT DO NOTHING
-    RETURNING event_id, at";
+/// Stores a batch and returns, per UTC day it touched, the events it stored (by id and time,
+/// in chain order) and the hash of their canonical text: one statement, no re-read. The text
+/// is `devsync_audit_row_text` of the row as stored, as [`verify`] recomputes it.
+const INSERT: &str = "WITH stored AS (
+        INSERT INTO audit_events
+            (at, event_id, device_id, worker_id, request_id, stage, action, outcome, details, trace_id)
+        SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::text[])
+        ON CONFLICT DO NOTHING
+        RETURNING event_id, at, devsync_audit_row_text(audit_events) AS text
+    )
+    SELECT (at AT TIME ZONE 'UTC')::date AS day,
+           array_agg(event_id ORDER BY at, event_id),
+           array_agg(at ORDER BY at, event_id),
+           sha256(convert_to(string_agg(text, E'\\x1e' ORDER BY at, event_id), 'UTF8'))
+    FROM stored GROUP BY 1 ORDER BY 1";
 
 /// The hash of the events a link covers, named by (event_id, at).
 const BATCH_HASH: &str =
@@ -41,12 +50,15 @@ const BATCH_HASH_BY_ID: &str =
     FROM audit_events e
     WHERE e.at >= $1 AND e.at < $2 AND e.event_id = ANY($3)";
 
-const HEAD: &str =
-    "SELECT seq, chain_hash FROM audit_chain WHERE day = $1 ORDER BY seq DESC LIMIT 1";
-
+/// Appends a link after the day's last one (the first link chains to the empty hash).
 const LINK: &str =
     "INSERT INTO audit_chain (day, seq, event_ids, event_ats, batch_hash, chain_hash)
-    VALUES ($1, $2, $3, $4, $5::bytea, sha256($6::bytea || $5::bytea))";
+    SELECT $1, coalesce(head.seq, 0) + 1, $2, $3, $4::bytea,
+           sha256(coalesce(head.chain_hash, ''::bytea) || $4::bytea)
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (
+        SELECT seq, chain_hash FROM audit_chain WHERE day = $1 ORDER BY seq DESC LIMIT 1
+    ) AS head ON true";
 
 fn day_bounds(day: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
     let start = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
@@ -87,7 +99,7 @@ pub async fn insert(
     let details: Vec<&Value> = records.iter().map(|r| &r.details).collect();
     let traces: Vec<Option<&str>> = records.iter().map(|r| r.trace_id.as_deref()).collect();
     let insert = tx.prepare_cached(INSERT).await?;
-    let stored = tx
+    let days = tx
         .query(
             &insert,
             &[
@@ -96,33 +108,23 @@ pub async fn insert(
             ],
         )
         .await?;
-    let mut by_day: BTreeMap<NaiveDate, (Vec<String>, Vec<DateTime<Utc>>)> = BTreeMap::new();
-    for row in &stored {
-        let at: DateTime<Utc> = row.get(1);
-        let (ids, ats) = by_day.entry(at.date_naive()).or_default();
-        ids.push(row.get(0));
-        ats.push(at);
-    }
-    for (day, (ids, ats)) in &by_day {
-        let (start, end) = day_bounds(*day);
+    let mut stored = 0;
+    let link = tx.prepare_cached(LINK).await?;
+    for row in &days {
+        let day: NaiveDate = row.get(0);
+        let ids: Vec<String> = row.get(1);
+        let ats: Vec<DateTime<Utc>> = row.get(2);
+        let hash: Vec<u8> = row.get(3);
+        stored += ids.len();
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('devsync-audit-chain'), $1)",
-            &[&chrono::Datelike::num_days_from_ce(day)],
+            &[&chrono::Datelike::num_days_from_ce(&day)],
         )
         .await?;
-        let hash: Vec<u8> = tx
-            .query_one(BATCH_HASH, &[&start, &end, ids, ats])
-            .await?
-            .get(0);
-        let (seq, previous): (i64, Vec<u8>) = match tx.query_opt(HEAD, &[day]).await? {
-            Some(row) => (row.get::<_, i64>(0) + 1, row.get(1)),
-            None => (1, Vec::new()),
-        };
-        tx.execute(LINK, &[day, &seq, ids, ats, &hash, &previous])
-            .await?;
+        tx.execute(&link, &[&day, &ids, &ats, &hash]).await?;
     }
     tx.commit().await?;
-    Ok(stored.len())
+    Ok(stored)
 }
 
 /// A search of the audit trail. Times are a half-open range `[since, until)`.

@@ -193,6 +193,7 @@ fn shared_cluster_url() -> String {
         dir: root.join("pg"),
         port: None,
         ephemeral: true,
+        settings: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let url = cluster.url("postgres");

@@ -79,6 +79,7 @@ pub async fn start(
             dir: dir.join("postgres"),
             port: port_is_free(5432).then_some(5432),
             ephemeral: false,
+            settings: Vec::new(),
         })
         .context("start postgres")?;
         settings.database.url = Secret::new(cluster.url("devsync"));

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
                 dir: dir.clone(),
                 port: None,
                 ephemeral: true,
+                settings: Vec::new(),
             }) {
                 Ok(started) => {
                     let url = started.url("postgres");
