@@ -155,6 +155,11 @@ async fn plain_sql_changes_of_desired_state_are_versioned_and_captured() {
         .unwrap_err();
     assert!(format!("{err:?}").contains("devices_id_check"), "{err:?}");
     let err = client
+        .execute("UPDATE devices SET id = 'bad id' WHERE id = 'd1'", &[])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("devices_id_check"), "{err:?}");
+    let err = client
         .execute("UPDATE devices SET desired = '[1]' WHERE id = 'd1'", &[])
         .await
         .unwrap_err();
