@@ -56,6 +56,8 @@ pub fn render(e2e: &e2e::Results, path: &Path) -> anyhow::Result<()> {
         .configure_mesh()
         .x_desc("seconds since the first report")
         .y_desc("reports per second")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     chart
         .draw_series(LineSeries::new(rates.iter().map(|r| (r.0, r.1)), &BLUE))?
@@ -100,6 +102,7 @@ pub fn render(e2e: &e2e::Results, path: &Path) -> anyhow::Result<()> {
         })
         .x_desc("percentile")
         .y_desc("milliseconds")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
     chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))?;

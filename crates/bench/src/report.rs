@@ -78,7 +78,11 @@ impl Results {
     /// The Markdown report; `chart` is the file name of the chart image beside it, if drawn.
     pub fn markdown(&self, chart: Option<&str>) -> String {
         let r = &self.raw;
-        let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
+        let ms = |v: Option<f64>| match v {
+            None => "n/a".to_owned(),
+            Some(v) if v.is_infinite() => "beyond the largest bucket".to_owned(),
+            Some(v) => format!("{v:.1}"),
+        };
         let mut out = String::new();
         let _ = writeln!(
             out,

@@ -78,7 +78,7 @@ impl Metrics {
         let metrics = Self {
             applied: Counter::default(),
             duplicates: Counter::default(),
-            report_to_db: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            report_to_db: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
             transaction_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
         registry.register(
