@@ -20,19 +20,33 @@ use crate::StoreError;
 /// Stores a batch and returns, per UTC day it touched, the events it stored (by id and time,
 /// in chain order) and the hash of their canonical text: one statement, no re-read. The text
 /// is `devsync_audit_row_text` of the row as stored, as [`verify`] recomputes it.
-const INSERT: &str = "WITH stored AS (
-        INSERT INTO audit_events
-            (at, event_id, device_id, worker_id, request_id, stage, action, outcome, details, trace_id)
-        SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::text[])
-        ON CONFLICT DO NOTHING
-        RETURNING event_id, at, devsync_audit_row_text(audit_events) AS text
-    )
-    SELECT (at AT TIME ZONE 'UTC')::date AS day,
-           array_agg(event_id ORDER BY at, event_id),
-           array_agg(at ORDER BY at, event_id),
-           sha256(convert_to(string_agg(text, E'\\x1e' ORDER BY at, event_id), 'UTF8'))
-    FROM stored GROUP BY 1 ORDER BY 1";
+macro_rules! insert_sql {
+    ($conflict:literal) => {
+        concat!(
+            "WITH stored AS (
+                INSERT INTO audit_events (at, event_id, device_id, worker_id, request_id, stage,
+                                          action, outcome, details, trace_id)
+                SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[],
+                                     $5::text[], $6::text[], $7::text[], $8::text[],
+                                     $9::jsonb[], $10::text[]) ",
+            $conflict,
+            " RETURNING event_id, at, devsync_audit_row_text(audit_events) AS text
+            )
+            SELECT (at AT TIME ZONE 'UTC')::date AS day,
+                   array_agg(event_id ORDER BY at, event_id),
+                   array_agg(at ORDER BY at, event_id),
+                   sha256(convert_to(string_agg(text, E'\\x1e' ORDER BY at, event_id), 'UTF8'))
+            FROM stored GROUP BY 1 ORDER BY 1"
+        )
+    };
+}
+
+/// The usual case, a batch never stored before: a plain insert. `ON CONFLICT` makes
+/// PostgreSQL probe the unique index before every row (8% of its CPU during ingest).
+const INSERT: &str = insert_sql!("");
+
+/// A batch received again (redelivered, or replayed by a service): skips what is stored.
+const INSERT_SKIPPING_STORED: &str = insert_sql!("ON CONFLICT DO NOTHING");
 
 /// The hash of the events a link covers, named by (event_id, at).
 const BATCH_HASH: &str =
@@ -74,7 +88,7 @@ pub async fn insert(
     if records.is_empty() {
         return Ok(0);
     }
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
     let mut days: Vec<NaiveDate> = records.iter().map(|r| r.at.date_naive()).collect();
     days.sort_unstable();
     days.dedup();
@@ -98,16 +112,23 @@ pub async fn insert(
     let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
     let details: Vec<&Value> = records.iter().map(|r| &r.details).collect();
     let traces: Vec<Option<&str>> = records.iter().map(|r| r.trace_id.as_deref()).collect();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        &at, &ids, &devices, &workers, &requests, &stages, &actions, &outcomes, &details, &traces,
+    ];
     let insert = tx.prepare_cached(INSERT).await?;
-    let days = tx
-        .query(
-            &insert,
-            &[
-                &at, &ids, &devices, &workers, &requests, &stages, &actions, &outcomes, &details,
-                &traces,
-            ],
-        )
-        .await?;
+    let attempt = tx.savepoint("devsync_audit_insert").await?;
+    let days = match attempt.query(&insert, &params).await {
+        Ok(days) => {
+            attempt.commit().await?;
+            days
+        }
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            attempt.rollback().await?;
+            let insert = tx.prepare_cached(INSERT_SKIPPING_STORED).await?;
+            tx.query(&insert, &params).await?
+        }
+        Err(error) => return Err(error.into()),
+    };
     let mut stored = 0;
     let link = tx.prepare_cached(LINK).await?;
     for row in &days {
