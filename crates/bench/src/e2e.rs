@@ -73,7 +73,6 @@ async fn sample(
     reconciler_http: String,
     stop: tokio_util::sync::CancellationToken,
 ) -> Vec<Sample> {
-    let url = format!("http://{reconciler_http}/metrics");
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut samples = Vec::new();
     loop {
@@ -81,14 +80,13 @@ async fn sample(
             _ = stop.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let applied = match reqwest::get(&url).await {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => continue,
+        let Ok(metrics) = procs::scrape(&reconciler_http).await else {
+            continue;
         };
         samples.push(Sample {
             second: started.elapsed().as_secs_f64(),
             accepted: accepted.load(Ordering::Relaxed),
-            applied: procs::counter(&applied, "devsync_reports_applied_total").unwrap_or(0.0)
+            applied: procs::counter(&metrics, "devsync_reports_applied_total").unwrap_or(0.0)
                 as u64,
         });
     }

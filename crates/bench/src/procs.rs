@@ -110,10 +110,7 @@ impl ServiceProcess {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(reqwest::get(format!("http://{}/metrics", self.http))
-            .await?
-            .text()
-            .await?)
+        scrape(&self.http).await
     }
 
     /// A `/proc/<pid>/status` field in KiB (`VmHWM`, `VmRSS`), 0 when unreadable.
@@ -191,6 +188,14 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Prometheus text of `/metrics` of the service serving HTTP on `http` (host:port).
+pub async fn scrape(http: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://{http}/metrics"))
+        .await?
+        .text()
+        .await?)
 }
 
 /// Quantile `q` of a Prometheus histogram `name` in `text`: the upper bound of the bucket
