@@ -1,10 +1,11 @@
 //! The audit service: every action of every devsync service, stored and searchable, so an
 //! operator can answer "what happened to device X, and which worker did it?" in seconds.
 //!
-//! - [`ingest`]: a shared durable consumer on `DEVSYNC_AUDIT` (replicas split the load); each
-//!   batch of messages is stored in one transaction (set-based insert, `ON CONFLICT DO
-//!   NOTHING`, so a redelivered event is stored once), hash-chained per day, and acked after
-//!   commit.
+//! - [`ingest`]: a shared durable consumer on `DEVSYNC_AUDIT` (replicas split the load, and
+//!   each replica runs `audit.workers` pulls at once); each batch of messages is stored in one
+//!   transaction (set-based insert; a batch that was stored before is retried with `ON
+//!   CONFLICT DO NOTHING`, so a redelivered event is stored once), hash-chained per day, and
+//!   acked after commit.
 //! - [`query`]: the search parameters, validated with an error that names the bad one.
 //! - [`api`]: `GET /v1/audit` and `GET /v1/devices/<id>/timeline` (JSON, cursor pagination),
 //!   and the same search as the NATS service endpoint `devsync.api.audit.search`.
