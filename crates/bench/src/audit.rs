@@ -86,18 +86,15 @@ pub async fn run(
     devsync_runtime::publish::publish_all(&js, messages).await?;
     // Progress from the service's own counter: a count(*) every 100 ms would itself scan up to
     // a million rows and take CPU from the ingest it measures.
-    loop {
-        let metrics = service.metrics().await.unwrap_or_default();
-        let stored = crate::procs::counter(&metrics, "devsync_audit_events_stored_total")
-            .unwrap_or(0.0) as u64;
-        if stored >= ingest {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(1800) {
-            anyhow::bail!("audit ingest did not finish within 30 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    service
+        .wait_for_counter(
+            "devsync_audit_events_stored_total",
+            ingest,
+            started,
+            Duration::from_secs(1800),
+            Duration::from_millis(100),
+        )
+        .await?;
     let ingest_per_second = ingest as f64 / started.elapsed().as_secs_f64();
     let counted: i64 = client
         .query_one("SELECT count(*) FROM audit_events", &[])

@@ -354,17 +354,15 @@ pub async fn run(
     tokio::spawn(connection);
     // Progress from the reconciler's counter (a count over the devices table every 200 ms
     // would take PostgreSQL CPU from the load it measures); the table is checked once after.
-    loop {
-        let metrics = reconciler.metrics().await.unwrap_or_default();
-        let applied = procs::counter(&metrics, "devsync_reports_applied_total").unwrap_or(0.0);
-        if applied as u64 >= total {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(3600) {
-            anyhow::bail!("the database did not catch up within an hour ({applied}/{total})");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    reconciler
+        .wait_for_counter(
+            "devsync_reports_applied_total",
+            total,
+            started,
+            Duration::from_secs(3600),
+            Duration::from_millis(200),
+        )
+        .await?;
     let applied_seconds = started.elapsed().as_secs_f64();
     stop_sampling.cancel();
     let timeline = sampler.await?;

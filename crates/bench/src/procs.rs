@@ -113,6 +113,32 @@ impl ServiceProcess {
         scrape(&self.http).await
     }
 
+    /// Waits until this service's counter `name` reaches `target`, reading `/metrics` every
+    /// `every`; fails after `timeout` (counted from `since`) with the last value read.
+    pub async fn wait_for_counter(
+        &self,
+        name: &str,
+        target: u64,
+        since: Instant,
+        timeout: Duration,
+        every: Duration,
+    ) -> anyhow::Result<()> {
+        loop {
+            let metrics = self.metrics().await.unwrap_or_default();
+            let value = counter(&metrics, name).unwrap_or(0.0) as u64;
+            if value >= target {
+                return Ok(());
+            }
+            if since.elapsed() > timeout {
+                anyhow::bail!(
+                    "{}: {name} reached {value} of {target} within {timeout:?}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// A `/proc/<pid>/status` field in KiB (`VmHWM`, `VmRSS`), 0 when unreadable.
     fn status_kib(&self, field: &str) -> f64 {
         let pid = self.child.id();
