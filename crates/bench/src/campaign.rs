@@ -102,15 +102,13 @@ pub async fn run(
         let metrics = fanout.metrics().await.unwrap_or_default();
         let delivered = crate::procs::counter(&metrics, DELIVERED).unwrap_or(0.0) as u64;
         if dispatch_seconds.is_none() && last_check.elapsed() >= Duration::from_secs(1) {
-            // A cheap check (an index probe), so the measurement does not load PostgreSQL.
+            // A cheap check (one row), so the measurement does not load PostgreSQL.
             last_check = Instant::now();
             let dispatched: bool = pool
                 .get()
                 .await?
                 .query_one(
-                    "SELECT expanded AND targeted > 0 AND NOT EXISTS (
-                         SELECT 1 FROM campaign_devices
-                         WHERE campaign_id = $1 AND status = 'pending')
+                    "SELECT state = 'completed' OR wave_dispatched_at IS NOT NULL
                      FROM campaigns WHERE id = $1",
                     &[&campaign.id.as_str()],
                 )

@@ -395,7 +395,7 @@ async fn status_and_list_show_the_counts() {
         ("rate", "100/s"),
         ("max in flight", "50"),
         ("abort if", "failure-ratio>0.05 or not-converged-after 10m"),
-        ("targeted", "12 (selector fully expanded)"),
+        ("targeted", "12 (selector counted)"),
         ("dispatched", "9 of 12 (75.0%)"),
         ("pending", "3"),
         ("sent", "2"),
@@ -443,7 +443,7 @@ async fn status_and_list_show_the_counts() {
     assert_eq!(field(&out, "wave"), "1 of 1 (100%)");
     assert_eq!(
         field(&out, "targeted"),
-        "0 so far (selector not fully expanded yet)"
+        "0 so far (selector not counted yet)"
     );
     assert_eq!(field(&out, "dispatched"), "0 of 0");
     assert_eq!(field(&out, "started (UTC)"), "not yet");

@@ -2,19 +2,20 @@
 //!
 //! A campaign (a row of `campaigns`, created by `devsyncctl campaign create`) moves through:
 //!
-//! 1. **Expansion.** The selector (`{"labels": {...}}`, `{"group": "..."}` or
-//!    `{"ids": [...]}`) is expanded page by page in id order into `campaign_devices`, each
-//!    page one statement and transaction, with the cursor stored in the campaign, so nothing
-//!    is ever held in memory and a restart resumes at the cursor. Each device's wave comes
-//!    from a stable hash of its id (`hashtext(id) mod 1000` against the waves' cumulative per
-//!    mille), so no total count is needed; devices seen recently get priority.
-//! 2. **Dispatch**, wave by wave. A batch of the current wave's pending devices (active first)
-//!    is, in one transaction: patched in `devices` (RFC 7386 merge in SQL; the triggers bump
-//!    the version and keep the history, and do not relay campaign changes one by one), marked
-//!    `sent` with the version they got, and stored in the outbox as one `CampaignBatch` for the
-//!    fan-out — then published (message id `campaign:<id>:<batch>`) after commit. The rate
-//!    (`governor` token bucket) and the max in flight (devices sent but not yet acknowledged)
-//!    bound the batches.
+//! 1. **Count.** The selector (`{"labels": {...}}`, `{"group": "..."}` or `{"ids": [...]}`)
+//!    is counted in one statement (`targeted`; set to what was really dispatched at the end).
+//! 2. **Dispatch**, wave by wave, straight from the selector: the driver walks the targeted
+//!    devices in id order after a cursor stored in the campaign, so nothing is held in memory
+//!    and a restart resumes at the cursor. Each device's wave comes from a stable hash of its
+//!    id (`hashtext(id) mod 1000` against the waves' cumulative per mille), so no total count
+//!    is needed. Each wave takes two passes: devices seen recently first, then every device
+//!    of the wave not yet dispatched. A page of devices is, in one transaction: patched in
+//!    `devices` (RFC 7386 merge in SQL; the triggers bump the version and keep the history,
+//!    and do not relay campaign changes one by one), recorded once in `campaign_devices` as
+//!    `sent` with the version it got, and stored in the outbox as one `CampaignBatch` for the
+//!    fan-out — then published (message id `campaign:<id>:<first device>`) after commit. The
+//!    rate (`governor` token bucket) and the max in flight (devices sent but not yet
+//!    acknowledged) bound the pages.
 //! 3. **Waves advance** when every device of the wave was dispatched and either none is still
 //!    waiting for its acknowledgement or `wave_wait_secs` passed, and the abort criteria
 //!    still pass.
@@ -47,50 +48,47 @@ use crate::scheduler::SchedulerSettings;
 
 const LOAD: &str = "SELECT state, selector, patch, policy, rate_per_sec, max_in_flight, waves,
         abort_criteria, current_wave, expand_cursor, expanded, wave_dispatched_at IS NOT NULL,
-        coalesce(wave_dispatched_at < now() - make_interval(secs => wave_wait_secs), false)
+        coalesce(wave_dispatched_at < now() - make_interval(secs => wave_wait_secs), false),
+        dispatch_pass
     FROM campaigns WHERE id = $1";
 
-const EXPAND_LABELS: &str = "WITH page AS (
-        SELECT id, coalesce(last_seen > now() - make_interval(secs => $5), false) AS active
-        FROM devices WHERE enabled AND id > $2 AND labels @> $6::jsonb ORDER BY id LIMIT $3
-    ), added AS (
-        INSERT INTO campaign_devices (campaign_id, device_id, wave, priority)
-        SELECT $1, id, width_bucket(abs(hashtext(id)::int8) % 1000, $4::int4[]),
-            CASE WHEN active THEN 0 ELSE 1 END
-        FROM page ON CONFLICT DO NOTHING RETURNING 1
-    )
-    SELECT (SELECT max(id) FROM page), (SELECT count(*) FROM page), (SELECT count(*) FROM added)";
+const COUNT_LABELS: &str = "SELECT count(*) FROM devices WHERE enabled AND labels @> $1::jsonb";
+const COUNT_IDS: &str = "SELECT count(*) FROM devices WHERE enabled AND id = ANY($1::text[])";
 
-const EXPAND_IDS: &str = "WITH page AS (
-        SELECT id, coalesce(last_seen > now() - make_interval(secs => $5), false) AS active
-        FROM devices WHERE enabled AND id > $2 AND id = ANY($6::text[]) ORDER BY id LIMIT $3
-    ), added AS (
-        INSERT INTO campaign_devices (campaign_id, device_id, wave, priority)
-        SELECT $1, id, width_bucket(abs(hashtext(id)::int8) % 1000, $4::int4[]),
-            CASE WHEN active THEN 0 ELSE 1 END
-        FROM page ON CONFLICT DO NOTHING RETURNING 1
-    )
-    SELECT (SELECT max(id) FROM page), (SELECT count(*) FROM page), (SELECT count(*) FROM added)";
+// A window of devices in id order after the cursor, each with whether the current pass takes
+// it: targeted, of the wave (`width_bucket` over the wave boundaries below 1000 gives the wave
+// of a hash in 0..1000), active if this is pass 0, and not yet dispatched by this campaign.
+// The window is walked through the primary key whatever the filters match: a LIMIT over the
+// filtered rows let the planner misjudge them and sort the whole table for every page. Should
+// two drivers race (a lease handover), the second insert of a device's `campaign_devices` row
+// fails on its primary key, its transaction rolls back and the next window skips the device.
+const WINDOW_LABELS: &str = "SELECT id, labels @> $2::jsonb
+        AND width_bucket(abs(hashtext(id)::int8) % 1000, $3::int4[]) = $4
+        AND ($5 OR coalesce(last_seen > now() - make_interval(secs => $6), false))
+        AND NOT EXISTS (SELECT 1 FROM campaign_devices c WHERE c.campaign_id = $8 AND c.device_id = d.id)
+    FROM devices d WHERE enabled AND id > $1 ORDER BY id LIMIT $7";
+const WINDOW_IDS: &str = "SELECT id, width_bucket(abs(hashtext(id)::int8) % 1000, $3::int4[]) = $4
+        AND ($5 OR coalesce(last_seen > now() - make_interval(secs => $6), false))
+        AND NOT EXISTS (SELECT 1 FROM campaign_devices c WHERE c.campaign_id = $8 AND c.device_id = d.id)
+    FROM devices d WHERE enabled AND id > $1 AND id = ANY($2::text[]) ORDER BY id LIMIT $7";
 
-// Dispatch, in three statements of one transaction, each an index lookup by id (a single
-// statement with CTEs lets the planner hash-join whole tables).
-const DISPATCH_PAGE: &str = "SELECT device_id FROM campaign_devices
-    WHERE campaign_id = $1 AND status = 'pending' AND wave = $2
-    ORDER BY priority, device_id LIMIT $3 FOR UPDATE SKIP LOCKED";
+/// Windows read per dispatch round at most, so a sparse selector cannot hold a round long.
+const WINDOWS_PER_ROUND: usize = 16;
 
 // RFC 7386 in SQL; `||` when the patch is flat (no nested objects, no nulls), where the two
 // agree and `||` is much cheaper.
 const DISPATCH_PATCH: &str = "UPDATE devices SET desired = devsync_merge_patch(desired, $2::jsonb)
-    WHERE id = ANY($1) RETURNING id, desired_version, applied_desired_version";
+    WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
 const DISPATCH_PATCH_FLAT: &str = "UPDATE devices SET desired = desired || $2::jsonb
-    WHERE id = ANY($1) RETURNING id, desired_version, applied_desired_version";
+    WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
 
-const DISPATCH_MARK: &str = "UPDATE campaign_devices c SET
-        status = CASE WHEN u.applied >= u.version THEN 'converged' ELSE 'sent' END,
-        desired_version = u.version, sent_at = now(), updated_at = now()
-    FROM unnest($2::text[], $3::int8[], $4::int8[]) AS u(id, version, applied)
-    WHERE c.campaign_id = $1 AND c.device_id = ANY($2) AND c.device_id = u.id
-    RETURNING c.device_id, c.status, c.priority";
+// One row per dispatched device, written once: `sent` with the version it got, or `converged`
+// at once when the device had already applied that version (the patch changed nothing).
+const DISPATCH_RECORD: &str = "INSERT INTO campaign_devices
+        (campaign_id, device_id, wave, priority, status, desired_version, sent_at, updated_at)
+    SELECT $1, u.id, $2, $3, CASE WHEN u.applied >= u.version THEN 'converged' ELSE 'sent' END,
+        u.version, now(), now()
+    FROM unnest($4::text[], $5::int8[], $6::int8[]) AS u(id, version, applied)";
 
 /// The requestor's rows in the shared outbox table.
 pub const OUTBOX_OWNER: &str = "requestor";
@@ -107,9 +105,54 @@ struct Campaign {
     abort: Value,
     wave: i32,
     cursor: Option<String>,
-    expanded: bool,
+    /// Whether the targets were counted.
+    counted: bool,
     wave_dispatched: bool,
     wave_waited: bool,
+    /// 0: active devices of the wave; 1: the rest.
+    pass: i16,
+}
+
+impl Campaign {
+    /// The wave boundaries below 1000 (per mille), for `width_bucket`.
+    fn bounds(&self) -> Vec<i32> {
+        let mut bounds: Vec<i32> = self
+            .waves
+            .as_array()
+            .map(|waves| {
+                waves
+                    .iter()
+                    .filter_map(Value::as_i64)
+                    .filter(|w| *w < 1000)
+                    .map(|w| w as i32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if bounds.is_empty() {
+            bounds.push(1000);
+        }
+        bounds
+    }
+
+    /// The selector's explicit ids, or its labels (`group` is the label `group`; no selector:
+    /// every device).
+    fn targets(&self) -> anyhow::Result<Targets> {
+        if let Some(ids) = self.selector.get("ids") {
+            return Ok(Targets::Ids(serde_json::from_value(ids.clone())?));
+        }
+        Ok(Targets::Labels(
+            match (self.selector.get("labels"), self.selector.get("group")) {
+                (Some(labels), _) => labels.clone(),
+                (None, Some(group)) => json!({ "group": group }),
+                (None, None) => json!({}),
+            },
+        ))
+    }
+}
+
+enum Targets {
+    Labels(Value),
+    Ids(Vec<String>),
 }
 
 /// Drives one campaign while this replica holds the scheduler lease.
@@ -123,8 +166,6 @@ pub struct Driver {
     last_check: Option<Instant>,
     /// Outbox rows whose batch was published, deleted by the next transaction.
     published: std::sync::Mutex<Vec<i64>>,
-    /// When `updated_at` (progress, for the expiry sweep) was last written.
-    touched: std::sync::Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -151,7 +192,6 @@ impl Driver {
             limiter: None,
             last_check: None,
             published: std::sync::Mutex::default(),
-            touched: std::sync::Mutex::new(Instant::now()),
         }
     }
 
@@ -193,9 +233,10 @@ impl Driver {
             abort: row.get(7),
             wave: row.get(8),
             cursor: row.get(9),
-            expanded: row.get(10),
+            counted: row.get(10),
             wave_dispatched: row.get(11),
             wave_waited: row.get(12),
+            pass: row.get(13),
         }))
     }
 
@@ -208,8 +249,8 @@ impl Driver {
             "paused" => return Ok(Step::Idle),
             _ => return Ok(Step::Done),
         }
-        if !campaign.expanded {
-            self.expand(&campaign).await?;
+        if !campaign.counted {
+            self.count(&campaign).await?;
             return Ok(Step::Busy);
         }
         let check_due = self
@@ -223,24 +264,16 @@ impl Driver {
                 return Ok(Step::Done);
             }
         }
-        let allowance = self.allowance(&campaign).await?;
-        if allowance > 0 && self.dispatch_parallel(&campaign, allowance).await? > 0 {
-            return Ok(Step::Busy);
-        }
-        if allowance == 0 {
-            return Ok(Step::Idle);
-        }
-        // Nothing pending in this wave.
-        let client = self.pool.get().await?;
         if !campaign.wave_dispatched {
-            client
-                .execute(
-                    "UPDATE campaigns SET wave_dispatched_at = now(), updated_at = now() WHERE id = $1",
-                    &[&self.id],
-                )
-                .await?;
+            let allowance = self.allowance(&campaign).await?;
+            if allowance == 0 {
+                return Ok(Step::Idle);
+            }
+            self.dispatch_round(&campaign, allowance).await?;
             return Ok(Step::Busy);
         }
+        // Every device of this wave was dispatched.
+        let client = self.pool.get().await?;
         let waiting: i64 = client
             .query_one(
                 "SELECT count(*) FROM campaign_devices
@@ -263,7 +296,7 @@ impl Driver {
             client
                 .execute(
                     "UPDATE campaigns SET current_wave = current_wave + 1, wave_dispatched_at = NULL,
-                         updated_at = now()
+                         dispatch_pass = 0, expand_cursor = NULL, updated_at = now()
                      WHERE id = $1 AND current_wave = $2",
                     &[&self.id, &campaign.wave],
                 )
@@ -276,80 +309,42 @@ impl Driver {
             .await;
             return Ok(Step::Busy);
         }
+        // Targeted is now what was dispatched: devices registered, disabled or deleted since
+        // the count are accounted for.
+        client
+            .execute(
+                "UPDATE campaigns SET targeted =
+                     (SELECT count(*) FROM campaign_devices WHERE campaign_id = $1)
+                 WHERE id = $1",
+                &[&self.id],
+            )
+            .await?;
         self.finish("completed", "every wave dispatched", AuditOutcome::Ok)
             .await?;
         Ok(Step::Done)
     }
 
-    async fn expand(&self, campaign: &Campaign) -> anyhow::Result<()> {
-        let page = self.settings.campaign_page * 5;
-        let cursor = campaign.cursor.clone().unwrap_or_default();
-        let window = self.settings.active_window.as_secs_f64();
-        // `width_bucket` over the wave boundaries below 1000 gives the wave of a hash in 0..1000.
-        let mut bounds: Vec<i32> = campaign
-            .waves
-            .as_array()
-            .map(|waves| {
-                waves
-                    .iter()
-                    .filter_map(Value::as_i64)
-                    .filter(|w| *w < 1000)
-                    .map(|w| w as i32)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if bounds.is_empty() {
-            bounds.push(1000);
-        }
+    /// Counts the targeted devices (one statement; nothing is held in memory).
+    async fn count(&self, campaign: &Campaign) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        let row = if let Some(ids) = campaign.selector.get("ids") {
-            let ids: Vec<String> = serde_json::from_value(ids.clone())?;
-            client
-                .query_one(
-                    EXPAND_IDS,
-                    &[&self.id, &cursor, &page, &bounds, &window, &ids],
-                )
-                .await?
-        } else {
-            let labels = match (
-                campaign.selector.get("labels"),
-                campaign.selector.get("group"),
-            ) {
-                (Some(labels), _) => labels.clone(),
-                (None, Some(group)) => json!({ "group": group }),
-                (None, None) => json!({}),
-            };
-            client
-                .query_one(
-                    EXPAND_LABELS,
-                    &[&self.id, &cursor, &page, &bounds, &window, &labels],
-                )
-                .await?
+        let row = match campaign.targets()? {
+            Targets::Ids(ids) => client.query_one(COUNT_IDS, &[&ids]).await?,
+            Targets::Labels(labels) => client.query_one(COUNT_LABELS, &[&labels]).await?,
         };
-        let last: Option<String> = row.get(0);
-        let seen: i64 = row.get(1);
-        let added: i64 = row.get(2);
-        let done = seen < page;
+        let targeted: i64 = row.get(0);
         client
             .execute(
-                "UPDATE campaigns SET expand_cursor = coalesce($2, expand_cursor),
-                     targeted = targeted + $3, expanded = $4, updated_at = now()
+                "UPDATE campaigns SET targeted = $2, expanded = true, updated_at = now()
                  WHERE id = $1",
-                &[&self.id, &last, &added, &done],
+                &[&self.id, &targeted],
             )
             .await?;
-        if done {
-            let targeted: i64 = client
-                .query_one("SELECT targeted FROM campaigns WHERE id = $1", &[&self.id])
-                .await?
-                .get(0);
-            self.audit(
-                "campaign.expanded",
-                AuditOutcome::Ok,
-                json!({"targeted": targeted}),
-            )
-            .await;
-        }
+        self.audit(
+            "campaign.expanded",
+            AuditOutcome::Ok,
+            json!({"targeted": targeted}),
+        )
+        .await;
         Ok(())
     }
 
@@ -389,43 +384,136 @@ impl Driver {
         Ok(allowance)
     }
 
-    /// Dispatches up to `allowance` devices: without a rate limit in `campaign_parallelism`
-    /// concurrent transactions (they skip each other's rows), so commit latency overlaps with
-    /// work; returns how many it took off the pending list.
-    async fn dispatch_parallel(
-        &self,
-        campaign: &Campaign,
-        allowance: i64,
-    ) -> anyhow::Result<usize> {
-        let parts = if campaign.rate.is_none() {
-            self.settings.campaign_parallelism.max(1)
-        } else {
-            1
-        };
-        let share = (allowance / parts as i64).max(1);
-        let results =
-            futures::future::join_all((0..parts).map(|_| self.dispatch(campaign, share))).await;
-        let mut total = 0;
-        for result in results {
-            total += result?;
+    /// Dispatches the next `allowance` devices of the current pass and moves the cursor past
+    /// them: without a rate limit in `campaign_parallelism` concurrent transactions over
+    /// disjoint slices of the page, so commit latency overlaps with work. Reaching the end of
+    /// the devices ends the pass (the active devices, then the rest, then the wave is
+    /// dispatched). A crash before the cursor moves repeats the page without the devices
+    /// already dispatched.
+    async fn dispatch_round(&self, campaign: &Campaign, allowance: i64) -> anyhow::Result<()> {
+        let (page, cursor, exhausted) = self.page(campaign, allowance).await?;
+        if !page.is_empty() {
+            let parts = if campaign.rate.is_none() {
+                self.settings.campaign_parallelism.max(1)
+            } else {
+                1
+            };
+            let share = page.len().div_ceil(parts);
+            let results = futures::future::join_all(
+                page.chunks(share)
+                    .map(|chunk| self.dispatch(campaign, chunk.to_vec())),
+            )
+            .await;
+            for result in results {
+                result?;
+            }
         }
-        if total > 0 && self.touched.lock().expect("lock").elapsed() >= Duration::from_secs(1) {
-            *self.touched.lock().expect("lock") = Instant::now();
-            self.pool
-                .get()
-                .await?
+        let client = self.pool.get().await?;
+        if !exhausted {
+            client
                 .execute(
-                    "UPDATE campaigns SET updated_at = now() WHERE id = $1",
-                    &[&self.id],
+                    "UPDATE campaigns SET expand_cursor = $2, updated_at = now()
+                     WHERE id = $1 AND current_wave = $3 AND dispatch_pass = $4",
+                    &[&self.id, &cursor, &campaign.wave, &campaign.pass],
+                )
+                .await?;
+        } else if campaign.pass == 0 {
+            client
+                .execute(
+                    "UPDATE campaigns SET expand_cursor = NULL, dispatch_pass = 1, updated_at = now()
+                     WHERE id = $1 AND current_wave = $2 AND dispatch_pass = 0",
+                    &[&self.id, &campaign.wave],
+                )
+                .await?;
+        } else {
+            client
+                .execute(
+                    "UPDATE campaigns SET expand_cursor = $2, wave_dispatched_at = now(),
+                         updated_at = now()
+                     WHERE id = $1 AND current_wave = $3 AND dispatch_pass = 1",
+                    &[&self.id, &cursor, &campaign.wave],
                 )
                 .await?;
         }
-        Ok(total)
+        Ok(())
     }
 
-    /// Dispatches up to `limit` pending devices of the current wave; returns how many it took
-    /// off the pending list.
-    async fn dispatch(&self, campaign: &Campaign, limit: i64) -> anyhow::Result<usize> {
+    /// Up to `allowance` devices the current pass takes next, the cursor after them, and
+    /// whether the pass reached the end of the devices.
+    async fn page(
+        &self,
+        campaign: &Campaign,
+        allowance: i64,
+    ) -> anyhow::Result<(Vec<String>, Option<String>, bool)> {
+        let window = allowance.max(1000);
+        let active_window = self.settings.active_window.as_secs_f64();
+        let everyone = campaign.pass > 0;
+        let bounds = campaign.bounds();
+        let targets = campaign.targets()?;
+        let client = self.pool.get().await?;
+        let mut cursor = campaign.cursor.clone();
+        let mut page = Vec::new();
+        for _ in 0..WINDOWS_PER_ROUND {
+            let after = cursor.clone().unwrap_or_default();
+            let rows = match &targets {
+                Targets::Ids(ids) => {
+                    client
+                        .query(
+                            WINDOW_IDS,
+                            &[
+                                &after,
+                                ids,
+                                &bounds,
+                                &campaign.wave,
+                                &everyone,
+                                &active_window,
+                                &window,
+                                &self.id,
+                            ],
+                        )
+                        .await?
+                }
+                Targets::Labels(labels) => {
+                    client
+                        .query(
+                            WINDOW_LABELS,
+                            &[
+                                &after,
+                                labels,
+                                &bounds,
+                                &campaign.wave,
+                                &everyone,
+                                &active_window,
+                                &window,
+                                &self.id,
+                            ],
+                        )
+                        .await?
+                }
+            };
+            let scanned = rows.len() as i64;
+            for row in rows {
+                let id: String = row.get(0);
+                if row.get::<_, Option<bool>>(1).unwrap_or(false) {
+                    page.push(id.clone());
+                }
+                cursor = Some(id);
+                if page.len() as i64 >= allowance {
+                    // Full: the rest of the window is read again by the next round.
+                    return Ok((page, cursor, false));
+                }
+            }
+            if scanned < window {
+                return Ok((page, cursor, true));
+            }
+        }
+        Ok((page, cursor, false))
+    }
+
+    /// Dispatches `page` (devices of the current wave not yet dispatched, in id order) in one
+    /// transaction: they are patched, recorded in `campaign_devices` and handed to the fan-out
+    /// as one `CampaignBatch` through the outbox, published after commit.
+    async fn dispatch(&self, campaign: &Campaign, page: Vec<String>) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(
@@ -433,15 +521,6 @@ impl Driver {
             &[&format!("campaign:{}", self.id)],
         )
         .await?;
-        let page: Vec<String> = tx
-            .query(DISPATCH_PAGE, &[&self.id, &campaign.wave, &limit])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        if page.is_empty() {
-            return Ok(0);
-        }
         let flat = campaign
             .patch
             .as_object()
@@ -459,28 +538,27 @@ impl Driver {
         let ids: Vec<String> = patched.iter().map(|r| r.get(0)).collect();
         let versions: Vec<i64> = patched.iter().map(|r| r.get(1)).collect();
         let applied: Vec<i64> = patched.iter().map(|r| r.get(2)).collect();
-        let rows = tx
-            .query(DISPATCH_MARK, &[&self.id, &ids, &versions, &applied])
-            .await?;
-        if ids.len() < page.len() {
-            // Devices deleted since the expansion: nothing to deliver.
-            tx.execute(
-                "UPDATE campaign_devices SET status = 'skipped', error = 'device no longer exists',
-                     updated_at = now()
-                 WHERE campaign_id = $1 AND device_id = ANY($2) AND status = 'pending'",
-                &[&self.id, &page],
-            )
-            .await?;
-        }
-        let mut sent: Vec<(i16, String)> = rows
+        tx.execute(
+            DISPATCH_RECORD,
+            &[
+                &self.id,
+                &campaign.wave,
+                &campaign.pass,
+                &ids,
+                &versions,
+                &applied,
+            ],
+        )
+        .await?;
+        let mut sent: Vec<String> = patched
             .iter()
-            .filter(|row| row.get::<_, String>(1) == "sent")
-            .map(|row| (row.get::<_, i16>(2), row.get::<_, String>(0)))
+            .filter(|row| row.get::<_, i64>(2) < row.get::<_, i64>(1))
+            .map(|row| row.get(0))
             .collect();
         sent.sort();
         let mut outbox_id = None;
         let mut messages = Vec::new();
-        if let Some((_, first)) = sent.first() {
+        if let Some(first) = sent.first() {
             let msg_id = format!("campaign:{}:{first}", self.id);
             let message = CampaignBatch {
                 campaign_id: self.id.clone(),
@@ -490,7 +568,7 @@ impl Driver {
                     PushPolicy::PushActive => pb::PushPolicy::PushActive,
                     PushPolicy::PullOnly => pb::PushPolicy::PullOnly,
                 } as i32,
-                device_ids: sent.into_iter().map(|(_, id)| id).collect(),
+                device_ids: sent,
             };
             let mut headers = async_nats::HeaderMap::new();
             telemetry::inject(&mut headers);
@@ -522,7 +600,7 @@ impl Driver {
             publish::publish_all(&self.js, messages).await?;
             self.published.lock().expect("lock").push(id);
         }
-        Ok(page.len())
+        Ok(())
     }
 
     async fn abort_reason(&self, campaign: &Campaign) -> anyhow::Result<Option<String>> {

@@ -2,9 +2,9 @@
 //! progress, list them, pause, resume or abort.
 //!
 //! A created campaign is only a row: the requestor replica holding the scheduler lease picks
-//! it up, expands its selector and dispatches it (`devsync-requestor`'s campaign driver), and
-//! its progress is read from `campaign_devices`, which the driver, the fan-out and device
-//! acknowledgements (through the reconciler) keep current. Pause, resume and abort are state
+//! it up, counts its targets and dispatches it (`devsync-requestor`'s campaign driver), and
+//! its progress is read from `campaign_devices` (a row per dispatched device), which the
+//! driver, the fan-out and device acknowledgements (through the reconciler) keep current. Pause, resume and abort are state
 //! changes the driver obeys at its next step.
 
 use std::time::Duration;
@@ -203,9 +203,12 @@ pub struct Progress {
     pub abort_criteria: Value,
     /// The wave being dispatched (0-based).
     pub wave: i32,
-    /// Whether the selector has been fully expanded (`targeted` is final).
+    /// Whether the targets have been counted (`targeted` is set; final once the campaign
+    /// completes).
     pub expanded: bool,
     pub targeted: i64,
+    /// Targeted and not dispatched yet (a device gets its `campaign_devices` row when it is
+    /// dispatched).
     pub pending: i64,
     /// Dispatched and not yet acknowledged.
     pub sent: i64,
@@ -233,11 +236,14 @@ impl Progress {
 const PROGRESS: &str = "SELECT c.id, c.state, c.state_reason, c.policy, c.selector, c.patch,
         c.rate_per_sec, c.max_in_flight, c.waves, c.abort_criteria, c.current_wave, c.expanded,
         c.targeted,
-        coalesce(s.pending, 0), coalesce(s.sent, 0), coalesce(s.acked, 0),
+        coalesce(s.pending, 0) + CASE WHEN c.expanded
+            THEN greatest(c.targeted - coalesce(s.total, 0), 0) ELSE 0 END,
+        coalesce(s.sent, 0), coalesce(s.acked, 0),
         coalesce(s.converged, 0), coalesce(s.failed, 0), coalesce(s.skipped, 0),
         c.created_at, c.started_at, c.finished_at
     FROM campaigns c LEFT JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE status = 'pending') AS pending,
                count(*) FILTER (WHERE status = 'sent') AS sent,
                count(*) FILTER (WHERE status = 'acked') AS acked,
                count(*) FILTER (WHERE status = 'converged') AS converged,

@@ -168,3 +168,67 @@ async fn plain_sql_changes_of_desired_state_are_versioned_and_captured() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn deleting_a_device_or_campaign_removes_its_rows_and_versions_cannot_be_forged() {
+    let db = TestDb::create().await;
+    let client = db.pool.get().await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO devices (id, desired) VALUES ('d1', '{\"fw\": \"1\"}'), ('d2', '{\"fw\": \"1\"}');
+             INSERT INTO campaigns (id, selector, patch) VALUES ('c1', '{}', '{}'), ('c2', '{}', '{}');
+             INSERT INTO campaign_devices (campaign_id, device_id, wave, status) VALUES
+                 ('c1', 'd1', 0, 'sent'), ('c1', 'd2', 0, 'sent'), ('c2', 'd1', 0, 'sent');",
+        )
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+
+    // Writing a version without changing the document changes nothing.
+    client
+        .execute(
+            "UPDATE devices SET desired_version = 99 WHERE id = 'd1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count("SELECT desired_version FROM devices WHERE id = 'd1'").await,
+        1
+    );
+
+    // A device with history cannot be renamed (it would orphan its rows).
+    let error = client
+        .execute("UPDATE devices SET id = 'd9' WHERE id = 'd2'", &[])
+        .await
+        .unwrap_err();
+    let error = error.as_db_error().expect("a database error");
+    assert!(error.message().contains("cannot be renamed"), "{error:?}");
+
+    client
+        .execute("DELETE FROM devices WHERE id = 'd1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        count("SELECT count(*) FROM campaign_devices WHERE device_id = 'd1'").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM desired_history WHERE device_id = 'd1'").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM desired_history WHERE device_id = 'd2'").await,
+        1,
+        "the other device keeps its history"
+    );
+
+    client
+        .execute("DELETE FROM campaigns WHERE id = 'c1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(count("SELECT count(*) FROM campaign_devices").await, 0);
+}

@@ -11,8 +11,8 @@
 //! wave wait (a humantime duration of whole seconds).
 //!
 //! A created campaign is a row in state `pending`; the requestor replica holding the
-//! scheduler lease expands and dispatches it. `status --watch` polls its progress twice a
-//! second until it is completed, aborted or expired: a progress bar on a terminal, one plain
+//! scheduler lease counts its targets and dispatches them. `status --watch` polls its progress
+//! twice a second until it is completed, aborted or expired: a progress bar on a terminal, one plain
 //! line per refresh otherwise (or one JSON object per refresh with `--json`).
 
 use std::collections::HashSet;
@@ -631,12 +631,9 @@ fn print_status(progress: &Progress) {
         String::new()
     };
     let targeted = if progress.expanded {
-        format!("{} (selector fully expanded)", progress.targeted)
+        format!("{} (selector counted)", progress.targeted)
     } else {
-        format!(
-            "{} so far (selector not fully expanded yet)",
-            progress.targeted
-        )
+        format!("{} so far (selector not counted yet)", progress.targeted)
     };
     let waves = stored_waves(progress)
         .map(|waves| describe_waves(&waves))
