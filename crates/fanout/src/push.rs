@@ -382,8 +382,15 @@ impl Pusher {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
             client
                 .execute(
-                    "UPDATE campaign_devices SET status = 'skipped', updated_at = now()
-                     WHERE campaign_id = $1 AND device_id = ANY($2) AND status = 'sent'",
+                    // One primary-key probe per device in a LATERAL subquery, whatever the
+                    // statistics of the growing table say (see the campaign driver's
+                    // DISPATCHED); a row changed meanwhile (acknowledged) is left alone.
+                    "UPDATE campaign_devices c SET status = 'skipped', updated_at = now()
+                     FROM (SELECT found.row FROM unnest($2::text[]) AS u(id)
+                         CROSS JOIN LATERAL (SELECT x.ctid AS row FROM campaign_devices x
+                             WHERE x.campaign_id = $1 AND x.device_id = u.id AND x.status = 'sent'
+                             LIMIT 1) AS found) AS f
+                     WHERE c.ctid = f.row",
                     &[&batch.campaign_id, &skipped],
                 )
                 .await

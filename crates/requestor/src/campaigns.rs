@@ -28,6 +28,7 @@
 //! Pause stops dispatch (the driver idles), resume continues from the stored progress, abort
 //! ends it. Every state change is audited.
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -57,20 +58,28 @@ const COUNT_IDS: &str = "SELECT count(*) FROM devices WHERE enabled AND id = ANY
 
 // A window of devices in id order after the cursor, each with whether the current pass takes
 // it: targeted, of the wave (`width_bucket` over the wave boundaries below 1000 gives the wave
-// of a hash in 0..1000), active if this is pass 0, and not yet dispatched by this campaign.
-// The window is walked through the primary key whatever the filters match: a LIMIT over the
-// filtered rows let the planner misjudge them and sort the whole table for every page. Should
-// two drivers race (a lease handover), the second insert of a device's `campaign_devices` row
-// fails on its primary key, its transaction rolls back and the next window skips the device.
+// of a hash in 0..1000) and active if this is pass 0. The window is walked through the primary
+// key whatever the filters match: a LIMIT over the filtered rows let the planner misjudge them
+// and sort the whole table for every page.
 const WINDOW_LABELS: &str = "SELECT id, labels @> $2::jsonb
         AND width_bucket(abs(hashtext(id)::int8) % 1000, $3::int4[]) = $4
         AND ($5 OR coalesce(last_seen > now() - make_interval(secs => $6), false))
-        AND NOT EXISTS (SELECT 1 FROM campaign_devices c WHERE c.campaign_id = $8 AND c.device_id = d.id)
-    FROM devices d WHERE enabled AND id > $1 ORDER BY id LIMIT $7";
+    FROM devices WHERE enabled AND id > $1 ORDER BY id LIMIT $7";
 const WINDOW_IDS: &str = "SELECT id, width_bucket(abs(hashtext(id)::int8) % 1000, $3::int4[]) = $4
         AND ($5 OR coalesce(last_seen > now() - make_interval(secs => $6), false))
-        AND NOT EXISTS (SELECT 1 FROM campaign_devices c WHERE c.campaign_id = $8 AND c.device_id = d.id)
-    FROM devices d WHERE enabled AND id > $1 AND id = ANY($2::text[]) ORDER BY id LIMIT $7";
+    FROM devices WHERE enabled AND id > $1 AND id = ANY($2::text[]) ORDER BY id LIMIT $7";
+
+// Which of a window's devices this campaign already dispatched: one primary-key probe per
+// device, in a LATERAL subquery with LIMIT that no plan can turn into anything else. As a NOT
+// EXISTS in the window query, with `device_id = ANY($2)`, or as a join with the array, the
+// planner — its statistics behind a table that grows by thousands of rows a second — read
+// every row of the campaign for each window (a hash or a bitmap over the campaign):
+// quadratic over a campaign. Should two drivers race (a lease handover), the second insert
+// of a device's row fails on the primary key, its transaction rolls back and the next round
+// skips the device.
+const DISPATCHED: &str = "SELECT u.id FROM unnest($2::text[]) AS u(id)
+    CROSS JOIN LATERAL (SELECT 1 FROM campaign_devices c
+        WHERE c.campaign_id = $1 AND c.device_id = u.id LIMIT 1) AS found";
 
 /// Windows read per dispatch round at most, so a sparse selector cannot hold a round long.
 const WINDOWS_PER_ROUND: usize = 16;
@@ -468,7 +477,6 @@ impl Driver {
                                 &everyone,
                                 &active_window,
                                 &window,
-                                &self.id,
                             ],
                         )
                         .await?
@@ -485,16 +493,30 @@ impl Driver {
                                 &everyone,
                                 &active_window,
                                 &window,
-                                &self.id,
                             ],
                         )
                         .await?
                 }
             };
             let scanned = rows.len() as i64;
+            let candidates: Vec<&str> = rows
+                .iter()
+                .filter(|row| row.get::<_, Option<bool>>(1).unwrap_or(false))
+                .map(|row| row.get(0))
+                .collect();
+            let done: HashSet<String> = if candidates.is_empty() {
+                HashSet::new()
+            } else {
+                client
+                    .query(DISPATCHED, &[&self.id, &candidates])
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect()
+            };
             for row in rows {
                 let id: String = row.get(0);
-                if row.get::<_, Option<bool>>(1).unwrap_or(false) {
+                if row.get::<_, Option<bool>>(1).unwrap_or(false) && !done.contains(&id) {
                     page.push(id.clone());
                 }
                 cursor = Some(id);
