@@ -101,6 +101,10 @@ pub struct RefreshFigures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    /// p99 of the requestor's own answer time (`devsync_refresh_seconds`, bucket bound) over
+    /// the same refreshes: the rest of the round trip is NATS, the network stack and waiting
+    /// for a CPU.
+    pub in_requestor_p99_ms: Option<f64>,
 }
 
 /// Sends reports at `rate` per second for `duration` (sequences above `first_sequence`),
@@ -160,6 +164,55 @@ async fn paced_reports(
     ))
 }
 
+/// Measures refreshes at 1,000/s for 10 s after `delay`, as waking devices elsewhere would
+/// send them: on a thread and runtime of its own with its own connection. Sharing the
+/// bench's runtime, each answer waited behind thousands of simulated devices' tasks before
+/// its arrival was even read, and the bench measured itself.
+/// Adds to a probe's figures the requestor's own answer time over it (`before`: the
+/// requestor's metrics when the probe started).
+async fn inside(
+    requestor: &ServiceProcess,
+    before: &str,
+    figures: anyhow::Result<RefreshFigures>,
+) -> Option<RefreshFigures> {
+    let mut figures = figures.ok()?;
+    let after = requestor.metrics().await.unwrap_or_default();
+    figures.in_requestor_p99_ms =
+        procs::histogram_quantile_between(before, &after, "devsync_refresh_seconds", 0.99)
+            .map(|seconds| seconds * 1000.0);
+    Some(figures)
+}
+
+/// The probe starts at once; the returned future gives its figures.
+fn probe(
+    nats_url: &str,
+    devices: usize,
+    delay: Duration,
+) -> impl std::future::Future<Output = anyhow::Result<RefreshFigures>> + use<> {
+    let url = nats_url.to_owned();
+    let (done, result) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name("refresh-probe".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        tokio::time::sleep(delay).await;
+                        let client = async_nats::connect(url).await?;
+                        refreshes(client, devices, 1000, Duration::from_secs(10)).await
+                    })
+                });
+            let _ = done.send(outcome);
+        });
+    async move {
+        started?;
+        result.await?
+    }
+}
+
 /// Sends refreshes from random devices at `rate` per second for `duration`.
 async fn refreshes(
     client: async_nats::Client,
@@ -213,6 +266,7 @@ async fn refreshes(
         p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
         errors,
+        in_requestor_p99_ms: None,
     })
 }
 
@@ -277,14 +331,8 @@ pub async fn run(
         .await?;
     let total = devices as u64 * per_device;
     println!("scenario a: {total} reports from {devices} devices, {concurrency} devices at once");
-    let refresh_client = async_nats::connect(nats_url).await?;
-    let refresh_load = tokio::spawn({
-        let client = refresh_client.clone();
-        async move {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            refreshes(client, devices, 1000, Duration::from_secs(10)).await
-        }
-    });
+    let refresh_load = probe(nats_url, devices, Duration::from_secs(5));
+    let before_load = requestor.metrics().await.unwrap_or_default();
     let mut clients = Vec::new();
     for _ in 0..16 {
         clients.push(async_nats::connect(nats_url).await?);
@@ -379,7 +427,7 @@ pub async fn run(
         "the reconciler counted {total} reports applied, but only {done} of {devices} devices \
          have all their reports"
     );
-    let refresh_under_load = refresh_load.await?.ok();
+    let refresh_under_load = inside(&requestor, &before_load, refresh_load.await).await;
     // Scenario c: reports paced at half the measured peak, refreshes at 1,000/s alongside.
     let half = (total as f64 / applied_seconds / 2.0) as u32;
     println!("scenario c: reports paced at {half}/s with refreshes at 1,000/s");
@@ -390,16 +438,14 @@ pub async fn run(
         half,
         Duration::from_secs(20),
     );
-    let refresh_half = async {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        refreshes(clients[1].clone(), devices, 1000, Duration::from_secs(10)).await
-    };
+    let before_half = requestor.metrics().await.unwrap_or_default();
+    let refresh_half = probe(nats_url, devices, Duration::from_secs(5));
     let (half_load, refresh_half_load) = tokio::join!(paced, refresh_half);
     let half_load = half_load.ok();
-    let refresh_half_load = refresh_half_load.ok();
-    let refresh_idle = refreshes(refresh_client, devices, 1000, Duration::from_secs(10))
-        .await
-        .ok();
+    let refresh_half_load = inside(&requestor, &before_half, refresh_half_load).await;
+    let before_idle = requestor.metrics().await.unwrap_or_default();
+    let refresh_idle = probe(nats_url, devices, Duration::ZERO).await;
+    let refresh_idle = inside(&requestor, &before_idle, refresh_idle).await;
     let metrics = reconciler.metrics().await.context("reconciler metrics")?;
     let to_db = |q| {
         procs::histogram_quantile(&metrics, "devsync_report_to_db_seconds", q)

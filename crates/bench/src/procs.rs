@@ -224,9 +224,30 @@ pub async fn scrape(http: &str) -> anyhow::Result<String> {
         .await?)
 }
 
-/// Quantile `q` of a Prometheus histogram `name` in `text`: the upper bound of the bucket
-/// where the cumulative count reaches `q` of the total (an upper estimate).
+/// The `q` quantile (0..1) of histogram `name` in a Prometheus text exposition: the upper
+/// bound of the first bucket holding it (None when the histogram is empty or absent).
 pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    quantile(&buckets(text, name), q)
+}
+
+/// The `q` quantile of what histogram `name` recorded between two scrapes of one process.
+pub fn histogram_quantile_between(before: &str, after: &str, name: &str, q: f64) -> Option<f64> {
+    let before = buckets(before, name);
+    let after: Vec<(f64, f64)> = buckets(after, name)
+        .into_iter()
+        .map(|(le, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| *b == le)
+                .map_or(0.0, |(_, c)| *c);
+            (le, count - earlier)
+        })
+        .collect();
+    quantile(&after, q)
+}
+
+/// Cumulative buckets `(le, count)` of histogram `name`, by bound.
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{le=\"");
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
@@ -242,8 +263,12 @@ pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
-    if total == 0.0 {
+    if total <= 0.0 {
         return None;
     }
     buckets

@@ -158,9 +158,13 @@ impl Results {
                 ("refresh at 1,000/s after the load", &e.refresh_idle),
             ] {
                 if let Some(f) = figures {
+                    let inside = f
+                        .in_requestor_p99_ms
+                        .map(|p99| format!("; inside the requestor p99 ≤ {p99:.1} ms"))
+                        .unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "| {label}: p50 / p99 | {:.1} / {:.1} ms ({:.0}/s sent, {} errors) | |",
+                        "| {label}: p50 / p99 | {:.1} / {:.1} ms ({:.0}/s sent, {} errors{inside}) | |",
                         f.p50_ms, f.p99_ms, f.per_second, f.errors
                     );
                 }
