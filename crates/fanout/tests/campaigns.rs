@@ -329,3 +329,93 @@ async fn a_campaign_aborts_when_its_failure_ratio_is_crossed() {
     reconciler.stop().await;
     requestor.stop().await;
 }
+
+#[tokio::test]
+async fn active_devices_are_dispatched_first_and_the_driver_resumes_at_its_cursor() {
+    let stack = Stack::start().await;
+    register(&stack, "mixed", 3000).await;
+    // Every third device was seen just now; the others never.
+    stack
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE devices SET last_seen = now()
+             WHERE right(id, 5)::int % 3 = 0 AND id LIKE 'mixed-%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    stack.declare().await;
+    let requestor = stack.requestor(requestor_settings(&stack)).await;
+    let mut new = campaign("cursor-1", "mixed");
+    new.rate_per_sec = Some(300);
+    campaigns::create(&stack.db.pool.get().await.unwrap(), &new)
+        .await
+        .unwrap();
+    let at_stop = wait_for(
+        Duration::from_secs(60),
+        "some active devices dispatched",
+        || async {
+            let progress = progress(&stack, "cursor-1").await;
+            (progress.dispatched() >= 400).then_some(progress)
+        },
+    )
+    .await;
+    requestor.stop().await;
+    assert!(at_stop.pending > 0, "stopped mid-campaign: {at_stop:?}");
+    assert_eq!(at_stop.targeted, 3000, "targets counted at the start");
+
+    // Another replica takes the lease and continues from the stored cursor.
+    let requestor = stack.requestor(requestor_settings(&stack)).await;
+    let client = stack.db.pool.get().await.unwrap();
+    wait_for(
+        Duration::from_secs(90),
+        "every device dispatched",
+        || async {
+            let row = client
+                .query_one(
+                    "SELECT count(*), wave_dispatched_at IS NOT NULL FROM campaign_devices, campaigns
+                     WHERE campaign_id = 'cursor-1' AND campaigns.id = 'cursor-1'
+                     GROUP BY wave_dispatched_at",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 3000 && row.get::<_, bool>(1)).then_some(())
+        },
+    )
+    .await;
+
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE d.desired_version = 1),
+                    (SELECT count(*) FROM desired_history WHERE source = 'campaign:cursor-1'),
+                    count(*) FILTER (WHERE c.priority = 0),
+                    max(c.sent_at) FILTER (WHERE c.priority = 0)
+                        <= min(c.sent_at) FILTER (WHERE c.priority = 1)
+             FROM devices d JOIN campaign_devices c ON c.device_id = d.id
+             WHERE c.campaign_id = 'cursor-1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        3000,
+        "each device patched exactly once across the restart"
+    );
+    assert_eq!(row.get::<_, i64>(1), 3000, "one history entry per device");
+    assert_eq!(
+        row.get::<_, i64>(2),
+        1000,
+        "the devices seen recently went in the first pass"
+    );
+    assert!(
+        row.get::<_, bool>(3),
+        "every active device was dispatched before any inactive one"
+    );
+    requestor.stop().await;
+}
