@@ -231,7 +231,7 @@ async fn create_with_each_selector_form() {
     assert_eq!(stored["abort_criteria"], json!({}));
     assert_eq!(stored["wave_wait_secs"], 300);
 
-    // Ids inline (an unknown id is kept: it may be registered before the expansion; a
+    // Ids inline (an unknown id is kept: it may be registered before the campaign starts; a
     // duplicate is dropped); plain rate; pull-only.
     let out = ok(create(
         &db,
@@ -366,7 +366,7 @@ async fn status_and_list_show_the_counts() {
             "pull-only",
         ],
     ));
-    // c1 is older, running in its second wave, fully expanded, with devices in every status.
+    // c1 is older, running in its second wave, its targets counted, with devices in every status.
     sql(
         &db,
         "UPDATE campaigns SET state = 'running', current_wave = 1, expanded = true, targeted = 12,

@@ -168,7 +168,7 @@ fn parse_id(id: &str) -> anyhow::Result<CampaignId> {
     Ok(CampaignId::parse(id)?)
 }
 
-/// How many enabled devices the selector matches now (what the expansion will find if
+/// How many enabled devices the selector matches now (what the driver will count if
 /// nothing changes meanwhile).
 async fn count_matching(db: &impl GenericClient, selector: &Selector) -> anyhow::Result<i64> {
     let row = match selector {
