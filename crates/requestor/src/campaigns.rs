@@ -164,6 +164,26 @@ enum Targets {
     Ids(Vec<String>),
 }
 
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+impl Targets {
+    /// The statement counting the targets, and its parameter.
+    fn count(&self) -> (&'static str, Param<'_>) {
+        match self {
+            Self::Labels(labels) => (COUNT_LABELS, labels),
+            Self::Ids(ids) => (COUNT_IDS, ids),
+        }
+    }
+
+    /// The window statement of a pass, and its selector parameter (`$2`).
+    fn window(&self) -> (&'static str, Param<'_>) {
+        match self {
+            Self::Labels(labels) => (WINDOW_LABELS, labels),
+            Self::Ids(ids) => (WINDOW_IDS, ids),
+        }
+    }
+}
+
 /// Drives one campaign while this replica holds the scheduler lease.
 pub struct Driver {
     js: jetstream::Context,
@@ -336,10 +356,9 @@ impl Driver {
     /// Counts the targeted devices (one statement; nothing is held in memory).
     async fn count(&self, campaign: &Campaign) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        let row = match campaign.targets()? {
-            Targets::Ids(ids) => client.query_one(COUNT_IDS, &[&ids]).await?,
-            Targets::Labels(labels) => client.query_one(COUNT_LABELS, &[&labels]).await?,
-        };
+        let targets = campaign.targets()?;
+        let (sql, selector) = targets.count();
+        let row = client.query_one(sql, &[selector]).await?;
         let targeted: i64 = row.get(0);
         client
             .execute(
@@ -464,40 +483,21 @@ impl Driver {
         let mut page = Vec::new();
         for _ in 0..WINDOWS_PER_ROUND {
             let after = cursor.clone().unwrap_or_default();
-            let rows = match &targets {
-                Targets::Ids(ids) => {
-                    client
-                        .query(
-                            WINDOW_IDS,
-                            &[
-                                &after,
-                                ids,
-                                &bounds,
-                                &campaign.wave,
-                                &everyone,
-                                &active_window,
-                                &window,
-                            ],
-                        )
-                        .await?
-                }
-                Targets::Labels(labels) => {
-                    client
-                        .query(
-                            WINDOW_LABELS,
-                            &[
-                                &after,
-                                labels,
-                                &bounds,
-                                &campaign.wave,
-                                &everyone,
-                                &active_window,
-                                &window,
-                            ],
-                        )
-                        .await?
-                }
-            };
+            let (sql, selector) = targets.window();
+            let rows = client
+                .query(
+                    sql,
+                    &[
+                        &after,
+                        selector,
+                        &bounds,
+                        &campaign.wave,
+                        &everyone,
+                        &active_window,
+                        &window,
+                    ],
+                )
+                .await?;
             let scanned = rows.len() as i64;
             let candidates: Vec<&str> = rows
                 .iter()
