@@ -91,13 +91,11 @@ const DISPATCH_PATCH: &str = "UPDATE devices SET desired = devsync_merge_patch(d
 const DISPATCH_PATCH_FLAT: &str = "UPDATE devices SET desired = desired || $2::jsonb
     WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
 
-// One row per dispatched device, written once: `sent` with the version it got, or `converged`
-// at once when the device had already applied that version (the patch changed nothing).
+// One row per dispatched device, written once, with the version it got and its status.
 const DISPATCH_RECORD: &str = "INSERT INTO campaign_devices
         (campaign_id, device_id, wave, priority, status, desired_version, sent_at, updated_at)
-    SELECT $1, u.id, $2, $3, CASE WHEN u.applied >= u.version THEN 'converged' ELSE 'sent' END,
-        u.version, now(), now()
-    FROM unnest($4::text[], $5::int8[], $6::int8[]) AS u(id, version, applied)";
+    SELECT $1, u.id, $2, $3, u.status, u.version, now(), now()
+    FROM unnest($4::text[], $5::int8[], $6::text[]) AS u(id, version, status)";
 
 /// The requestor's rows in the shared outbox table.
 pub const OUTBOX_OWNER: &str = "requestor";
@@ -436,33 +434,31 @@ impl Driver {
                 result?;
             }
         }
-        let client = self.pool.get().await?;
-        if !exhausted {
-            client
-                .execute(
-                    "UPDATE campaigns SET expand_cursor = $2, updated_at = now()
-                     WHERE id = $1 AND current_wave = $3 AND dispatch_pass = $4",
-                    &[&self.id, &cursor, &campaign.wave, &campaign.pass],
-                )
-                .await?;
-        } else if campaign.pass == 0 {
-            client
-                .execute(
-                    "UPDATE campaigns SET expand_cursor = NULL, dispatch_pass = 1, updated_at = now()
-                     WHERE id = $1 AND current_wave = $2 AND dispatch_pass = 0",
-                    &[&self.id, &campaign.wave],
-                )
-                .await?;
-        } else {
-            client
-                .execute(
-                    "UPDATE campaigns SET expand_cursor = $2, wave_dispatched_at = now(),
-                         updated_at = now()
-                     WHERE id = $1 AND current_wave = $3 AND dispatch_pass = 1",
-                    &[&self.id, &cursor, &campaign.wave],
-                )
-                .await?;
-        }
+        // Past the page; at the end of pass 0 on to pass 1 from the start; at the end of pass 1
+        // the wave is dispatched.
+        let (cursor, pass, wave_done) = match (exhausted, campaign.pass) {
+            (false, pass) => (cursor, pass, false),
+            (true, 0) => (None, 1, false),
+            (true, pass) => (cursor, pass, true),
+        };
+        self.pool
+            .get()
+            .await?
+            .execute(
+                "UPDATE campaigns SET expand_cursor = $2, dispatch_pass = $3,
+                     wave_dispatched_at = CASE WHEN $4 THEN now() ELSE wave_dispatched_at END,
+                     updated_at = now()
+                 WHERE id = $1 AND current_wave = $5 AND dispatch_pass = $6",
+                &[
+                    &self.id,
+                    &cursor,
+                    &pass,
+                    &wave_done,
+                    &campaign.wave,
+                    &campaign.pass,
+                ],
+            )
+            .await?;
         Ok(())
     }
 
@@ -499,10 +495,14 @@ impl Driver {
                 )
                 .await?;
             let scanned = rows.len() as i64;
+            let rows: Vec<(String, bool)> = rows
+                .iter()
+                .map(|row| (row.get(0), row.get::<_, Option<bool>>(1).unwrap_or(false)))
+                .collect();
             let candidates: Vec<&str> = rows
                 .iter()
-                .filter(|row| row.get::<_, Option<bool>>(1).unwrap_or(false))
-                .map(|row| row.get(0))
+                .filter(|(_, taken)| *taken)
+                .map(|(id, _)| id.as_str())
                 .collect();
             let done: HashSet<String> = if candidates.is_empty() {
                 HashSet::new()
@@ -514,9 +514,8 @@ impl Driver {
                     .map(|row| row.get(0))
                     .collect()
             };
-            for row in rows {
-                let id: String = row.get(0);
-                if row.get::<_, Option<bool>>(1).unwrap_or(false) && !done.contains(&id) {
+            for (id, taken) in rows {
+                if taken && !done.contains(&id) {
                     page.push(id.clone());
                 }
                 cursor = Some(id);
@@ -559,7 +558,18 @@ impl Driver {
             .await?;
         let ids: Vec<String> = patched.iter().map(|r| r.get(0)).collect();
         let versions: Vec<i64> = patched.iter().map(|r| r.get(1)).collect();
-        let applied: Vec<i64> = patched.iter().map(|r| r.get(2)).collect();
+        // `sent`, or `converged` at once when the device had already applied that version
+        // (the patch changed nothing): nothing to deliver.
+        let statuses: Vec<&str> = patched
+            .iter()
+            .map(|r| {
+                if r.get::<_, i64>(2) >= r.get::<_, i64>(1) {
+                    "converged"
+                } else {
+                    "sent"
+                }
+            })
+            .collect();
         tx.execute(
             DISPATCH_RECORD,
             &[
@@ -568,14 +578,15 @@ impl Driver {
                 &campaign.pass,
                 &ids,
                 &versions,
-                &applied,
+                &statuses,
             ],
         )
         .await?;
-        let mut sent: Vec<String> = patched
+        let mut sent: Vec<String> = ids
             .iter()
-            .filter(|row| row.get::<_, i64>(2) < row.get::<_, i64>(1))
-            .map(|row| row.get(0))
+            .zip(&statuses)
+            .filter(|(_, status)| **status == "sent")
+            .map(|(id, _)| id.clone())
             .collect();
         sent.sort();
         let mut outbox_id = None;
