@@ -164,52 +164,58 @@ async fn paced_reports(
     ))
 }
 
-/// Measures refreshes at 1,000/s for 10 s after `delay`, as waking devices elsewhere would
-/// send them: on a thread and runtime of its own with its own connection. Sharing the
-/// bench's runtime, each answer waited behind thousands of simulated devices' tasks before
-/// its arrival was even read, and the bench measured itself.
-/// Adds to a probe's figures the requestor's own answer time over it (`before`: the
-/// requestor's metrics when the probe started).
-async fn inside(
-    requestor: &ServiceProcess,
-    before: &str,
-    figures: anyhow::Result<RefreshFigures>,
-) -> Option<RefreshFigures> {
-    let mut figures = figures.ok()?;
-    let after = requestor.metrics().await.unwrap_or_default();
-    figures.in_requestor_p99_ms =
-        procs::histogram_quantile_between(before, &after, "devsync_refresh_seconds", 0.99)
-            .map(|seconds| seconds * 1000.0);
-    Some(figures)
+/// Refreshes at 1,000/s for 10 s, sent as waking devices elsewhere would send them: on a
+/// thread and runtime of their own with their own connection. Sharing the bench's runtime,
+/// each answer waited behind thousands of simulated devices' tasks before its arrival was
+/// even read, and the bench measured itself.
+struct RefreshProbe {
+    /// The requestor's metrics when the probe started.
+    before: String,
+    figures: tokio::sync::oneshot::Receiver<anyhow::Result<RefreshFigures>>,
 }
 
-/// The probe starts at once; the returned future gives its figures.
-fn probe(
-    nats_url: &str,
-    devices: usize,
-    delay: Duration,
-) -> impl std::future::Future<Output = anyhow::Result<RefreshFigures>> + use<> {
-    let url = nats_url.to_owned();
-    let (done, result) = tokio::sync::oneshot::channel();
-    let started = std::thread::Builder::new()
-        .name("refresh-probe".into())
-        .spawn(move || {
-            let outcome = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| {
-                    runtime.block_on(async {
-                        tokio::time::sleep(delay).await;
-                        let client = async_nats::connect(url).await?;
-                        refreshes(client, devices, 1000, Duration::from_secs(10)).await
-                    })
-                });
-            let _ = done.send(outcome);
-        });
-    async move {
-        started?;
-        result.await?
+impl RefreshProbe {
+    /// Starts sending after `delay`.
+    async fn start(
+        requestor: &ServiceProcess,
+        nats_url: &str,
+        devices: usize,
+        delay: Duration,
+    ) -> anyhow::Result<Self> {
+        let before = requestor.metrics().await.unwrap_or_default();
+        let url = nats_url.to_owned();
+        let (done, figures) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("refresh-probe".into())
+            .spawn(move || {
+                let outcome = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(async {
+                            tokio::time::sleep(delay).await;
+                            let client = async_nats::connect(url).await?;
+                            refreshes(client, devices, 1000, Duration::from_secs(10)).await
+                        })
+                    });
+                let _ = done.send(outcome);
+            })?;
+        Ok(Self { before, figures })
+    }
+
+    /// The probe's figures once it is done, with the requestor's own answer time over it.
+    async fn finish(self, requestor: &ServiceProcess) -> Option<RefreshFigures> {
+        let mut figures = self.figures.await.ok()?.ok()?;
+        let after = requestor.metrics().await.unwrap_or_default();
+        figures.in_requestor_p99_ms = procs::histogram_quantile_between(
+            &self.before,
+            &after,
+            "devsync_refresh_seconds",
+            0.99,
+        )
+        .map(|seconds| seconds * 1000.0);
+        Some(figures)
     }
 }
 
@@ -331,8 +337,8 @@ pub async fn run(
         .await?;
     let total = devices as u64 * per_device;
     println!("scenario a: {total} reports from {devices} devices, {concurrency} devices at once");
-    let refresh_load = probe(nats_url, devices, Duration::from_secs(5));
-    let before_load = requestor.metrics().await.unwrap_or_default();
+    let refresh_load =
+        RefreshProbe::start(&requestor, nats_url, devices, Duration::from_secs(5)).await?;
     let mut clients = Vec::new();
     for _ in 0..16 {
         clients.push(async_nats::connect(nats_url).await?);
@@ -427,7 +433,7 @@ pub async fn run(
         "the reconciler counted {total} reports applied, but only {done} of {devices} devices \
          have all their reports"
     );
-    let refresh_under_load = inside(&requestor, &before_load, refresh_load.await).await;
+    let refresh_under_load = refresh_load.finish(&requestor).await;
     // Scenario c: reports paced at half the measured peak, refreshes at 1,000/s alongside.
     let half = (total as f64 / applied_seconds / 2.0) as u32;
     println!("scenario c: reports paced at {half}/s with refreshes at 1,000/s");
@@ -438,14 +444,14 @@ pub async fn run(
         half,
         Duration::from_secs(20),
     );
-    let before_half = requestor.metrics().await.unwrap_or_default();
-    let refresh_half = probe(nats_url, devices, Duration::from_secs(5));
-    let (half_load, refresh_half_load) = tokio::join!(paced, refresh_half);
+    let refresh_half =
+        RefreshProbe::start(&requestor, nats_url, devices, Duration::from_secs(5)).await?;
+    let (half_load, refresh_half_load) = tokio::join!(paced, refresh_half.finish(&requestor));
     let half_load = half_load.ok();
-    let refresh_half_load = inside(&requestor, &before_half, refresh_half_load).await;
-    let before_idle = requestor.metrics().await.unwrap_or_default();
-    let refresh_idle = probe(nats_url, devices, Duration::ZERO).await;
-    let refresh_idle = inside(&requestor, &before_idle, refresh_idle).await;
+    let refresh_idle = RefreshProbe::start(&requestor, nats_url, devices, Duration::ZERO)
+        .await?
+        .finish(&requestor)
+        .await;
     let metrics = reconciler.metrics().await.context("reconciler metrics")?;
     let to_db = |q| {
         procs::histogram_quantile(&metrics, "devsync_report_to_db_seconds", q)

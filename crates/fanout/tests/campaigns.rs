@@ -334,13 +334,9 @@ async fn a_campaign_aborts_when_its_failure_ratio_is_crossed() {
 async fn active_devices_are_dispatched_first_and_the_driver_resumes_at_its_cursor() {
     let stack = Stack::start().await;
     register(&stack, "mixed", 3000).await;
+    let client = stack.db.pool.get().await.unwrap();
     // Every third device was seen just now; the others never.
-    stack
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
+    client
         .execute(
             "UPDATE devices SET last_seen = now()
              WHERE right(id, 5)::int % 3 = 0 AND id LIKE 'mixed-%'",
@@ -370,7 +366,6 @@ async fn active_devices_are_dispatched_first_and_the_driver_resumes_at_its_curso
 
     // Another replica takes the lease and continues from the stored cursor.
     let requestor = stack.requestor(requestor_settings(&stack)).await;
-    let client = stack.db.pool.get().await.unwrap();
     wait_for(
         Duration::from_secs(90),
         "every device dispatched",

@@ -4,8 +4,8 @@
 //! A created campaign is only a row: the requestor replica holding the scheduler lease picks
 //! it up, counts its targets and dispatches it (`devsync-requestor`'s campaign driver), and
 //! its progress is read from `campaign_devices` (a row per dispatched device), which the
-//! driver, the fan-out and device acknowledgements (through the reconciler) keep current. Pause, resume and abort are state
-//! changes the driver obeys at its next step.
+//! driver, the fan-out and device acknowledgements (through the reconciler) keep current.
+//! Pause, resume and abort are state changes the driver obeys at its next step.
 
 use std::time::Duration;
 
