@@ -87,11 +87,19 @@ async fn audit_search_and_verify() {
     use devsync_types::{AuditOutcome, AuditRecord, DeviceId, RequestId};
     let nats = TestNats::start();
     let db = TestDb::create().await;
+    // Within the last hour and within today (UTC), so the trail is one day whenever the test
+    // runs (just after midnight the events spanned two days).
     let now = chrono::Utc::now();
+    let today = now
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc();
+    let first = (now - chrono::Duration::minutes(5)).max(today);
     let records: Vec<AuditRecord> = (0..5)
         .map(|i| AuditRecord {
             event_id: format!("e{i}"),
-            at: now - chrono::Duration::minutes(5 - i),
+            at: first + chrono::Duration::seconds(i),
             device_id: Some(DeviceId::parse(if i % 2 == 0 { "even" } else { "odd" }).unwrap()),
             worker_id: "reconciler/r1".parse().unwrap(),
             request_id: Some(RequestId::parse(format!("req-{i}")).unwrap()),
