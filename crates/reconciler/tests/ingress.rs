@@ -9,7 +9,9 @@ use bytes::Bytes;
 use common::Stack;
 use devsync_device::DeviceError;
 use devsync_proto::Message as _;
-use devsync_proto::v1::{AuditEvent, DeadLetter, DeviceReport, ErrorReply, error_reply::Code};
+use devsync_proto::v1::{
+    AuditEvent, DeadLetter, DeviceReport, ErrorReply, RefreshRequest, error_reply::Code,
+};
 use devsync_testkit::wait_for;
 use devsync_types::{names, subjects};
 use serde_json::json;
@@ -96,6 +98,29 @@ async fn every_bad_message_gets_a_clear_error_and_a_trace() {
     assert_eq!(disabled.code(), Code::UnknownDevice);
     assert!(disabled.message.contains("disabled"));
 
+    // A refresh is answered on the refresh runtime, whose query checks the registration.
+    let refresh: Bytes = RefreshRequest {
+        device_id: String::new(),
+        since_version: 0,
+        sequence: 1,
+    }
+    .encode_to_vec()
+    .into();
+    let unknown_refresh = refused(&stack, "devsync.in.stranger.refresh", refresh.clone()).await;
+    assert_eq!(unknown_refresh.code(), Code::UnknownDevice);
+    assert!(
+        unknown_refresh.message.contains("not registered"),
+        "{}",
+        unknown_refresh.message
+    );
+    let disabled_refresh = refused(&stack, "devsync.in.off.refresh", refresh).await;
+    assert_eq!(disabled_refresh.code(), Code::UnknownDevice);
+    assert!(
+        disabled_refresh.message.contains("disabled"),
+        "{}",
+        disabled_refresh.message
+    );
+
     let not_object = refused(&stack, "devsync.in.good.report", report("", 1, "[1, 2]")).await;
     assert_eq!(not_object.code(), Code::Invalid);
     assert!(
@@ -124,10 +149,10 @@ async fn every_bad_message_gets_a_clear_error_and_a_trace() {
             .flat_map(|(_, p)| devsync_runtime::audit::decode(&p).unwrap_or_default())
             .filter(|e| e.action == "message.refused")
             .collect();
-        (events.len() >= 9).then_some(events)
+        (events.len() >= 11).then_some(events)
     })
     .await;
-    assert_eq!(refusals.len(), 9);
+    assert_eq!(refusals.len(), 11);
     assert!(
         refusals
             .iter()

@@ -127,11 +127,12 @@ enum Answer {
 pub struct Ingress {
     client: async_nats::Client,
     /// A separate connection for refreshes: its own socket, so refreshes and their answers do
-    /// not wait behind reports in one TCP stream.
+    /// not wait behind reports in one TCP stream. Lives on the refresh runtime, as does
+    /// `refresh_pool` ([`refresh::Runtime`]).
     refresh_client: async_nats::Client,
+    refresh_pool: Pool,
     refresh_in_flight: Arc<Semaphore>,
     js: async_nats::jetstream::Context,
-    pool: Pool,
     auditor: Auditor,
     audits: devsync_runtime::audit::Sink,
     settings: RequestorSettings,
@@ -149,6 +150,11 @@ impl std::fmt::Debug for Ingress {
     }
 }
 
+/// Most refreshes in flight at once.
+fn refresh_budget(settings: &RequestorSettings) -> usize {
+    (settings.max_in_flight / 8).max(64)
+}
+
 fn non_zero(value: u32) -> NonZeroU32 {
     NonZeroU32::new(value.max(1)).expect("at least 1")
 }
@@ -157,7 +163,7 @@ impl Ingress {
     /// An ingress handler for `service`.
     pub fn new(
         service: &Service,
-        refresh_client: async_nats::Client,
+        refresh: refresh::Connections,
         settings: RequestorSettings,
         checkins: Checkins,
         metrics: Metrics,
@@ -167,10 +173,10 @@ impl Ingress {
             .allow_burst(non_zero(settings.burst_per_device));
         Self {
             client: service.client.clone(),
-            refresh_client,
-            refresh_in_flight: Arc::new(Semaphore::new((settings.max_in_flight / 8).max(64))),
+            refresh_client: refresh.nats,
+            refresh_pool: refresh.pool,
+            refresh_in_flight: Arc::new(Semaphore::new(refresh_budget(&settings))),
             js: service.js.clone(),
-            pool: service.pool.clone(),
             auditor: service.auditor.clone(),
             audits,
             registry: Registry::new(
@@ -203,19 +209,15 @@ impl Ingress {
         Ok((all, refresh))
     }
 
-    /// Handles messages until `shutdown`; then unsubscribes so the other replicas take over.
-    pub async fn serve(
-        self: &Arc<Self>,
-        (mut all, mut refreshes): (Subscriber, Subscriber),
-        shutdown: Shutdown,
-    ) {
+    /// Handles device messages until `shutdown`; then unsubscribes so the other replicas take
+    /// over. Refreshes are served by [`Ingress::serve_refreshes`] on the refresh runtime.
+    pub async fn serve(self: &Arc<Self>, mut all: Subscriber, shutdown: Shutdown) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
         loop {
-            let (message, refresh_path) = tokio::select! {
+            let message = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                message = refreshes.next() => (message, true),
-                message = all.next() => (message, false),
+                message = all.next() => message,
                 _ = housekeeping.tick() => {
                     self.limiter.retain_recent();
                     self.refusal_audits.retain_recent();
@@ -224,31 +226,55 @@ impl Ingress {
             };
             let Some(message) = message else { break };
             // Refreshes reach both groups; the refresh path answers them.
-            if !refresh_path && is_refresh(&message) {
+            if is_refresh(&message) {
                 continue;
             }
-            let budget = if refresh_path {
-                &self.refresh_in_flight
-            } else {
-                &self.in_flight
-            };
-            let Ok(permit) = budget.clone().acquire_owned().await else {
-                break;
-            };
-            let ingress = Arc::clone(self);
-            tokio::spawn(async move {
-                ingress.handle(message, refresh_path).await;
-                drop(permit);
-            });
+            self.spawn(message, false, &self.in_flight).await;
         }
         let _ = all.unsubscribe().await;
+    }
+
+    /// Answers refreshes until `shutdown`. Spawned on the refresh runtime, so its tasks (and
+    /// the connections they use) never wait in the report path's run queue.
+    pub async fn serve_refreshes(self: Arc<Self>, mut refreshes: Subscriber, shutdown: Shutdown) {
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                message = refreshes.next() => message,
+            };
+            let Some(message) = message else { break };
+            self.spawn(message, true, &self.refresh_in_flight).await;
+        }
         let _ = refreshes.unsubscribe().await;
     }
 
-    /// Waits until messages in flight are answered, at most `timeout`.
+    /// Handles `message` in a task of the current runtime, holding a permit of `budget`.
+    async fn spawn(
+        self: &Arc<Self>,
+        message: Message,
+        refresh_path: bool,
+        budget: &Arc<Semaphore>,
+    ) {
+        let Ok(permit) = budget.clone().acquire_owned().await else {
+            return;
+        };
+        let ingress = Arc::clone(self);
+        tokio::spawn(async move {
+            ingress.handle(message, refresh_path).await;
+            drop(permit);
+        });
+    }
+
+    /// Waits until messages in flight (refreshes included) are answered, at most `timeout`.
     pub async fn drain(&self, timeout: Duration) {
         let all = self.settings.max_in_flight as u32;
-        let waited = tokio::time::timeout(timeout, self.in_flight.acquire_many(all)).await;
+        let refreshes = refresh_budget(&self.settings) as u32;
+        let waited = tokio::time::timeout(timeout, async {
+            let _ = self.in_flight.acquire_many(all).await;
+            let _ = self.refresh_in_flight.acquire_many(refreshes).await;
+        })
+        .await;
         if waited.is_err() {
             tracing::warn!("ingress drain timed out with messages in flight");
         }
@@ -351,8 +377,14 @@ impl Ingress {
             });
         }
         // Rare or large futures are boxed: every message in flight holds one task, and an
-        // unboxed task is as large as its largest await point.
-        match Box::pin(self.registry.lookup(&device)).await {
+        // unboxed task is as large as its largest await point. A refresh's own query checks
+        // the registration (the cache would query through the report path's pool).
+        let registration = if kind == MessageKind::Refresh {
+            Ok(Registration::Enabled)
+        } else {
+            Box::pin(self.registry.lookup(&device)).await
+        };
+        match registration {
             Ok(Registration::Enabled) => {}
             Ok(Registration::Disabled) => {
                 return Err(Refusal::new(
@@ -411,9 +443,18 @@ impl Ingress {
             Checked::Refresh(request) => {
                 self.checkins.seen(&device, received_at);
                 let started = Instant::now();
-                let reply = Box::pin(refresh::answer(&self.pool, &device, request.since_version))
-                    .await
-                    .map_err(|e| unavailable(format!("refresh: {e}")))?;
+                let reply = Box::pin(refresh::answer(
+                    &self.refresh_pool,
+                    &device,
+                    request.since_version,
+                ))
+                .await
+                .map_err(|e| match e {
+                    refresh::RefreshError::Unknown(_) | refresh::RefreshError::Disabled(_) => {
+                        Refusal::new(Code::UnknownDevice, e.to_string())
+                    }
+                    refresh::RefreshError::Unavailable(_) => unavailable(e.to_string()),
+                })?;
                 self.metrics
                     .refresh_seconds
                     .observe(started.elapsed().as_secs_f64());

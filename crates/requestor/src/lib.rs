@@ -10,8 +10,8 @@
 //! - [`refresh`]: a waking device's "what changed since version N" is read-only, so it is
 //!   answered here at once from PostgreSQL (changes since N, the full document, or "up to
 //!   date") instead of queueing behind writes in the reconciler. Refreshes have their own
-//!   queue group, NATS connection and in-flight budget, so a flood of reports does not delay
-//!   them.
+//!   queue group, in-flight budget, and a runtime thread holding their own NATS connection
+//!   and database pool ([`refresh::Runtime`]), so a flood of reports does not delay them.
 //! - [`checkins`]: last-seen times, written in batches.
 //! - payloads over the threshold go to the object store (claim check, `devsync_runtime::blobs`).
 //! - [`relay`]: administrators' desired-state edits (captured by a database trigger) relayed
@@ -176,11 +176,10 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         settings.requestor.checkin_flush,
         shutdown.clone(),
     );
-    let refresh_client = devsync_runtime::nats::connect(
-        &settings.common.nats,
-        &format!("{}-refresh", service.worker_id),
-    )
-    .await?;
+    let refresh_runtime = refresh::Runtime::start()?;
+    let refresh_connections = refresh_runtime
+        .connect(&settings.common, format!("{}-refresh", service.worker_id))
+        .await?;
     // Ingress audit events are flushed after the ingress drained (its own token).
     let audit_stop = Shutdown::new();
     let (audits, audit_task) = devsync_runtime::audit::Sink::spawn(
@@ -190,13 +189,16 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     );
     let ingress = Arc::new(ingress::Ingress::new(
         &service,
-        refresh_client,
+        refresh_connections,
         settings.requestor.clone(),
         checkins.clone(),
         ingress_metrics,
         audits,
     ));
-    let subscription = ingress.subscribe().await?;
+    let (subscription, refreshes) = ingress.subscribe().await?;
+    let refresh_task = refresh_runtime
+        .handle()
+        .spawn(Arc::clone(&ingress).serve_refreshes(refreshes, shutdown.clone()));
     let sweeper = tokio::spawn(worker::run(
         service.js.clone(),
         service.worker_spec(names::STREAM_ADVISORIES, names::CONSUMER_DLQ_SWEEPER, None),
@@ -244,7 +246,9 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let drain = settings.common.shutdown.drain_timeout;
     let task = tokio::spawn(async move {
         ingress.serve(subscription, shutdown.clone()).await;
+        let _ = refresh_task.await;
         ingress.drain(drain).await;
+        refresh_runtime.stop().await;
         audit_stop.cancel();
         let _ = audit_task.await;
         checkins.flush().await;
