@@ -1,5 +1,6 @@
 //! The requestor's cached device registry against a real PostgreSQL: answers are cached
-//! (positive and negative), expire after the TTL, and concurrent misses agree.
+//! (positive and negative), expire after the TTL, concurrent misses agree, and misses of many
+//! devices read together each get their own device's answer.
 
 use std::time::Duration;
 
@@ -69,4 +70,31 @@ async fn registrations_are_cached_until_the_ttl_and_then_reread() {
             .iter()
             .all(|a| *a.as_ref().unwrap() == Registration::Enabled)
     );
+}
+
+#[tokio::test]
+async fn misses_of_many_devices_read_together_each_get_their_own_answer() {
+    let db = TestDb::create().await;
+    let client = db.pool.get().await.unwrap();
+    // 600 enabled, 600 disabled, 600 never registered, all looked up at once.
+    client
+        .batch_execute(
+            "INSERT INTO devices (id, enabled)
+             SELECT 'many-' || i, i % 3 = 0 FROM generate_series(0, 1799) AS i WHERE i % 3 < 2",
+        )
+        .await
+        .unwrap();
+    let registry = Registry::new(db.pool.clone(), 10_000, Duration::from_secs(60));
+    let devices: Vec<DeviceId> = (0..1800)
+        .map(|i| DeviceId::parse(format!("many-{i}")).unwrap())
+        .collect();
+    let answers = futures::future::join_all(devices.iter().map(|d| registry.lookup(d))).await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let expected = match i % 3 {
+            0 => Registration::Enabled,
+            1 => Registration::Disabled,
+            _ => Registration::Unknown,
+        };
+        assert_eq!(answer.unwrap(), expected, "many-{i}");
+    }
 }
