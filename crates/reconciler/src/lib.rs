@@ -30,7 +30,7 @@ use devsync_runtime::worker::WorkerMetrics;
 use devsync_types::{Lane, Partition, ServiceName};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::apply::{Applier, Failpoint, Shared};
 
@@ -201,16 +201,8 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         settings.reconciler.bulk_share,
     );
     let appliers = [
-        Applier {
-            shared: shared.clone(),
-            lane: Lane::Rt,
-            slots: Arc::new(Semaphore::new(rt_slots)),
-        },
-        Applier {
-            shared: shared.clone(),
-            lane: Lane::Bulk,
-            slots: Arc::new(Semaphore::new(bulk_slots)),
-        },
+        Applier::new(shared.clone(), Lane::Rt, rt_slots),
+        Applier::new(shared.clone(), Lane::Bulk, bulk_slots),
     ];
     let instance = service.worker_id.instance().to_owned();
     let mut members = membership::run(

@@ -384,3 +384,99 @@ async fn bulk_work_does_not_hold_back_real_time_work() {
     reconciler.stop().await;
     requestor.stop().await;
 }
+
+/// Sums the samples of `metric` (every label set) in a Prometheus text page.
+fn metric_sum(page: &str, metric: &str) -> f64 {
+    page.lines()
+        .filter(|line| line.starts_with(metric))
+        .filter(|line| line[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn batches_of_several_partitions_share_a_transaction_and_keep_their_own_outcomes() {
+    let stack = Stack::start().await;
+    stack.declare().await;
+    let ids: Vec<String> = (0..400).map(|i| format!("gc-{i:03}")).collect();
+    stack
+        .register(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    // Everything waits in the stream before the reconciler starts, so every partition has
+    // batches at once; every tenth device also has a poison message behind its report.
+    let mut poisoned = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        raw_report(&stack, id, 1, json!({ "n": i })).await;
+        if i % 10 == 0 {
+            let device = DeviceId::parse(id.as_str()).unwrap();
+            stack
+                .js
+                .publish(
+                    subjects::request(Lane::Rt, &device),
+                    bytes::Bytes::from_static(b"\xff\xffnot a request"),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            poisoned.push(id.clone());
+        }
+    }
+    // One transaction slot per lane and small batches: each partition's worker has several
+    // batches in turn, and they queue for the slot and go together.
+    let mut settings = stack.reconciler_settings("gc-1");
+    settings.common.database.pool_size = 2;
+    settings.common.worker.batch_size = 20;
+    let shutdown = devsync_runtime::Shutdown::new();
+    let running = devsync_reconciler::start(settings, shutdown.clone())
+        .await
+        .unwrap();
+
+    wait_for(Duration::from_secs(30), "every report applied", || async {
+        let applied = stack
+            .scalar("SELECT count(*) FROM devices WHERE id LIKE 'gc-%' AND reported_version = 1")
+            .await;
+        (applied == 400).then_some(())
+    })
+    .await;
+    // Each device got its own report, once.
+    let wrong = stack
+        .scalar(
+            "SELECT count(*) FROM devices WHERE id LIKE 'gc-%'
+             AND (reported->'n' IS DISTINCT FROM to_jsonb(substr(id, 4)::int) OR last_seq <> 1)",
+        )
+        .await;
+    assert_eq!(wrong, 0);
+    // Each poison message was dead-lettered, and only those.
+    let dead = wait_for(Duration::from_secs(10), "poison dead-lettered", || async {
+        let dead = stack.stored(names::STREAM_DLQ).await;
+        (dead.len() >= poisoned.len()).then_some(dead)
+    })
+    .await;
+    let mut dead_devices: Vec<String> = dead
+        .iter()
+        .map(|(_, payload)| {
+            let letter = pb::DeadLetter::decode(payload.clone()).unwrap();
+            let (_, _, device) = subjects::parse_request(&letter.subject).unwrap();
+            device.to_string()
+        })
+        .collect();
+    dead_devices.sort();
+    assert_eq!(dead_devices, poisoned);
+    // And batches did share transactions.
+    let page = reqwest::get(format!("http://{}/metrics", running.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let transactions = metric_sum(&page, "devsync_reconcile_transaction_seconds_count");
+    let batches = metric_sum(&page, "devsync_worker_batch_size_count");
+    assert_eq!(metric_sum(&page, "devsync_reports_applied_total"), 400.0);
+    assert!(
+        transactions < batches,
+        "{transactions} transactions for {batches} batches"
+    );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}

@@ -39,8 +39,9 @@ use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
-/// One message handed to a handler.
-#[derive(Debug)]
+/// One message handed to a handler. Cloning is cheap (shared buffers); a handler that applies
+/// several workers' batches together keeps clones.
+#[derive(Debug, Clone)]
 pub struct Delivery {
     message: jetstream::Message,
     delivered: u64,
