@@ -10,8 +10,10 @@
 //! - `devsync_runtime::outbox`: publishes what a crash left in the outbox.
 //!
 //! Lanes: `rt` and `bulk` have separate pools of transaction slots (`reconciler.bulk_share` of
-//! the connection pool for bulk, the rest for rt), so campaigns and sweeps cannot delay device
-//! traffic beyond their share and are never starved by it.
+//! `reconciler.transactions` for bulk, the rest for rt), so campaigns and sweeps cannot delay
+//! device traffic beyond their share and are never starved by it. Few slots on purpose: the
+//! batches that wait for a slot are applied together (group commit), and a few large
+//! transactions cost less CPU per request than many small ones.
 
 pub mod apply;
 pub mod membership;
@@ -38,6 +40,9 @@ use crate::apply::{Applier, Failpoint, Shared};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ReconcilerSettings {
+    /// Transactions running at once, both lanes together (at least 2, one per lane; at most
+    /// `database.pool_size`). Batches waiting for a slot go together in the next transaction.
+    pub transactions: usize,
     /// Share of the transaction slots reserved for the bulk lane (0 < share < 1).
     pub bulk_share: f64,
     /// Desired documents larger than this travel through the object store.
@@ -59,6 +64,7 @@ pub struct ReconcilerSettings {
 impl Default for ReconcilerSettings {
     fn default() -> Self {
         Self {
+            transactions: 3,
             bulk_share: 0.25,
             claim_check_threshold: 8 * 1024,
             active_window: Duration::from_secs(15 * 60),
@@ -115,10 +121,11 @@ impl SettingsTrait for Settings {
                 "must be between 0 and 1 (exclusive)",
             ));
         }
-        if self.common.database.pool_size < 2 {
+        let transactions = self.reconciler.transactions;
+        if transactions < 2 || transactions > self.common.database.pool_size {
             return Err(ConfigError::invalid(
-                "database.pool_size",
-                "the reconciler needs at least 2 connections (one per lane)",
+                "reconciler.transactions",
+                "must be at least 2 (one per lane) and at most database.pool_size",
             ));
         }
         self.failpoint()?;
@@ -170,10 +177,10 @@ impl Running {
     }
 }
 
-/// Transaction slots per lane: `bulk_share` of the pool for bulk (at least one), the rest rt.
-fn lane_slots(pool_size: usize, bulk_share: f64) -> (usize, usize) {
-    let bulk = ((pool_size as f64 * bulk_share).round() as usize).clamp(1, pool_size - 1);
-    (pool_size - bulk, bulk)
+/// Transaction slots per lane: `bulk_share` of them for bulk (at least one), the rest rt.
+fn lane_slots(transactions: usize, bulk_share: f64) -> (usize, usize) {
+    let bulk = ((transactions as f64 * bulk_share).round() as usize).clamp(1, transactions - 1);
+    (transactions - bulk, bulk)
 }
 
 /// Starts the reconciler; it runs until `shutdown`.
@@ -197,7 +204,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         active: Mutex::new(HashMap::new()),
     });
     let (rt_slots, bulk_slots) = lane_slots(
-        settings.common.database.pool_size,
+        settings.reconciler.transactions,
         settings.reconciler.bulk_share,
     );
     let appliers = [
@@ -268,13 +275,27 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::lane_slots;
+    use super::{Settings, lane_slots};
+    use devsync_runtime::config::Settings as _;
 
     #[test]
     fn both_lanes_always_get_slots() {
+        assert_eq!(lane_slots(3, 0.25), (2, 1));
         assert_eq!(lane_slots(8, 0.25), (6, 2));
         assert_eq!(lane_slots(2, 0.25), (1, 1));
         assert_eq!(lane_slots(2, 0.9), (1, 1));
         assert_eq!(lane_slots(16, 0.5), (8, 8));
+    }
+
+    #[test]
+    fn transactions_need_a_slot_per_lane_and_a_connection_each() {
+        let mut settings = Settings::default();
+        settings.validate().unwrap();
+        settings.reconciler.transactions = 1;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("reconciler.transactions"), "{error}");
+        settings.reconciler.transactions = settings.common.database.pool_size + 1;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("at most database.pool_size"), "{error}");
     }
 }

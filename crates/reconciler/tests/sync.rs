@@ -425,7 +425,7 @@ async fn batches_of_several_partitions_share_a_transaction_and_keep_their_own_ou
     // One transaction slot per lane and small batches: each partition's worker has several
     // batches in turn, and they queue for the slot and go together.
     let mut settings = stack.reconciler_settings("gc-1");
-    settings.common.database.pool_size = 2;
+    settings.reconciler.transactions = 2;
     settings.common.worker.batch_size = 20;
     let shutdown = devsync_runtime::Shutdown::new();
     let running = devsync_reconciler::start(settings, shutdown.clone())
