@@ -189,7 +189,16 @@ impl Applier {
             }
             let together: Vec<Delivery> =
                 taken.iter().flat_map(|w| w.batch.iter().cloned()).collect();
-            let mut results = self.shared.apply(&together).await.into_iter();
+            let (mut results, failed) = self.shared.apply_or_fail(&together).await;
+            if failed && taken.len() > 1 {
+                // Whatever the database refused may be one batch's: each batch alone, so it
+                // fails (and is retried, then dead-lettered) without the others.
+                results = Vec::with_capacity(together.len());
+                for waiting in &taken {
+                    results.extend(self.shared.apply(&waiting.batch).await);
+                }
+            }
+            let mut results = results.into_iter();
             drop(slot);
             for waiting in taken {
                 let mine: Vec<Outcome> = results.by_ref().take(waiting.batch.len()).collect();
@@ -338,6 +347,12 @@ struct Committed {
 impl Shared {
     /// Applies `batch`; one outcome per delivery.
     pub async fn apply(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        self.apply_or_fail(batch).await.0
+    }
+
+    /// Applies `batch`: one outcome per delivery, and whether its transaction failed (then
+    /// every decoded request is to be retried).
+    async fn apply_or_fail(&self, batch: &[Delivery]) -> (Vec<Outcome>, bool) {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut requests = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.iter().enumerate() {
@@ -348,7 +363,7 @@ impl Shared {
             }
         }
         if requests.is_empty() {
-            return outcomes;
+            return (outcomes, false);
         }
         let started = std::time::Instant::now();
         let committed = match self.transact(batch, &requests, &mut outcomes).await {
@@ -358,7 +373,7 @@ impl Shared {
                 for request in &requests {
                     outcomes[request.index] = Outcome::Retry(format!("database: {error}"));
                 }
-                return outcomes;
+                return (outcomes, true);
             }
         };
         self.metrics
@@ -377,14 +392,14 @@ impl Shared {
             for request in &requests {
                 outcomes[request.index] = Outcome::Retry(format!("publish outputs: {error}"));
             }
-            return outcomes;
+            return (outcomes, false);
         }
         if let Some(id) = committed.outbox_id
             && let Err(error) = devsync_runtime::outbox::delete(&self.pool, id).await
         {
             tracing::warn!(%error, outbox_id = id, "cannot delete published outbox row");
         }
-        outcomes
+        (outcomes, false)
     }
 
     async fn decode(&self, index: usize, delivery: &Delivery) -> Result<Request, Decoded> {
@@ -418,6 +433,11 @@ impl Shared {
                     document,
                     full: report.full,
                 }
+            }
+            Some(sync_request::Kind::Ack(ack)) if ack.error.contains('\0') => {
+                return Err(Decoded::Poison(
+                    "ack error contains a NUL character (PostgreSQL cannot store it)".into(),
+                ));
             }
             Some(sync_request::Kind::Ack(ack)) => Work::Ack {
                 version: i64::try_from(ack.desired_version).unwrap_or(i64::MAX),

@@ -10,7 +10,7 @@ use common::Stack;
 use devsync_device::DeviceError;
 use devsync_proto::Message as _;
 use devsync_proto::v1::{
-    AuditEvent, DeadLetter, DeviceReport, ErrorReply, RefreshRequest, error_reply::Code,
+    AuditEvent, DeadLetter, DesiredAck, DeviceReport, ErrorReply, RefreshRequest, error_reply::Code,
 };
 use devsync_testkit::wait_for;
 use devsync_types::{names, subjects};
@@ -135,6 +135,28 @@ async fn every_bad_message_gets_a_clear_error_and_a_trace() {
     let no_sequence = refused(&stack, "devsync.in.good.report", report("", 0, "{}")).await;
     assert_eq!(no_sequence.code(), Code::Invalid);
 
+    // What PostgreSQL cannot store is refused at the door, not retried until dead-lettered.
+    let nul = refused(
+        &stack,
+        "devsync.in.good.report",
+        report("", 1, r#"{"name": "a\u0000b"}"#),
+    )
+    .await;
+    assert_eq!(nul.code(), Code::Invalid);
+    assert!(nul.message.contains("u0000"), "{}", nul.message);
+    let nul_ack: Bytes = DesiredAck {
+        desired_version: 1,
+        sequence: 1,
+        success: false,
+        error: "bad\0byte".into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into();
+    let nul_ack = refused(&stack, "devsync.in.good.ack", nul_ack).await;
+    assert_eq!(nul_ack.code(), Code::Invalid);
+    assert!(nul_ack.message.contains("NUL"), "{}", nul_ack.message);
+
     // The next good message goes through.
     let device = stack.device("good").await;
     device.report(&json!({"ok": true}), true).await.unwrap();
@@ -149,10 +171,10 @@ async fn every_bad_message_gets_a_clear_error_and_a_trace() {
             .flat_map(|(_, p)| devsync_runtime::audit::decode(&p).unwrap_or_default())
             .filter(|e| e.action == "message.refused")
             .collect();
-        (events.len() >= 11).then_some(events)
+        (events.len() >= 13).then_some(events)
     })
     .await;
-    assert_eq!(refusals.len(), 11);
+    assert_eq!(refusals.len(), 13);
     assert!(
         refusals
             .iter()

@@ -2,11 +2,13 @@
 //!
 //! Order of checks (cheapest first, so bad input costs as little as possible): subject shape
 //! and device id, payload size, known kind, per-device rate limit (token bucket), registered and
-//! enabled device (cached), protobuf decode, identity in the payload, content. Every refusal
-//! gets an `ErrorReply` when the device used request/reply, an audit event (rate-limit refusals
-//! at most one per device per second, so a flood cannot flood the audit trail too), and, for
-//! undecodable input, a dead letter with the original bytes. Nothing else is blocked: each
-//! message is handled in its own task, bounded by `max_in_flight`.
+//! enabled device (cached), protobuf decode, identity in the payload, content. A refresh is
+//! the exception: its answering query checks the registration, after decoding (see
+//! [`refresh`]). Every refusal gets an `ErrorReply` when the device used request/reply, an
+//! audit event (rate-limit refusals at most one per device per second, so a flood cannot flood
+//! the audit trail too), and, for undecodable input, a dead letter with the original bytes.
+//! Nothing else is blocked: each message is handled in its own task, bounded by
+//! `max_in_flight` (refreshes: their own budget, on their own runtime).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -273,6 +275,8 @@ impl Ingress {
         let waited = tokio::time::timeout(timeout, async {
             let _ = self.in_flight.acquire_many(all).await;
             let _ = self.refresh_in_flight.acquire_many(refreshes).await;
+            // The last answers are written before the refresh connection goes away.
+            let _ = self.refresh_client.flush().await;
         })
         .await;
         if waited.is_err() {
@@ -441,7 +445,6 @@ impl Ingress {
                 }))
             }
             Checked::Refresh(request) => {
-                self.checkins.seen(&device, received_at);
                 let started = Instant::now();
                 let reply = Box::pin(refresh::answer(
                     &self.refresh_pool,
@@ -455,6 +458,8 @@ impl Ingress {
                     }
                     refresh::RefreshError::Unavailable(_) => unavailable(e.to_string()),
                 })?;
+                // Only a registered, enabled device counts as seen.
+                self.checkins.seen(&device, received_at);
                 self.metrics
                     .refresh_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -641,6 +646,12 @@ fn check_content(
         MessageKind::Ack => {
             let ack: DesiredAck = decode(payload, kind)?;
             check_identity(device, &ack.device_id)?;
+            if ack.error.contains('\0') {
+                return Err(Refusal::new(
+                    Code::Invalid,
+                    "error may not contain NUL characters",
+                ));
+            }
             if ack.desired_version == 0 {
                 return Err(Refusal::new(
                     Code::Invalid,

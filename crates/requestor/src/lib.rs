@@ -2,7 +2,8 @@
 //!
 //! - [`ingress`]: a queue-group subscription on `devsync.in.>` (every replica shares the load).
 //!   Each message is validated before anything else — size, kind, per-device rate limit,
-//!   registered and enabled device (cached), protobuf decode, identity, content — then turned
+//!   registered and enabled device (cached; for a refresh, checked by its query after the
+//!   decode), protobuf decode, identity, content — then turned
 //!   into a sync request on `DEVSYNC_REQ` (lane `rt`, `Nats-Msg-Id` from device + sequence, so
 //!   retries are deduplicated). A device that asked with request/reply is answered only once
 //!   the request is durable. Refusals get an `ErrorReply`, an audit event, and for undecodable
@@ -246,7 +247,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let drain = settings.common.shutdown.drain_timeout;
     let task = tokio::spawn(async move {
         ingress.serve(subscription, shutdown.clone()).await;
-        let _ = refresh_task.await;
+        let _ = tokio::time::timeout(drain, refresh_task).await;
         ingress.drain(drain).await;
         refresh_runtime.stop().await;
         audit_stop.cancel();

@@ -25,6 +25,10 @@ pub const LOADS_IN_FLIGHT: usize = 2;
 /// Most devices read in one query.
 const MOST_PER_LOAD: usize = 1000;
 
+/// How long one read may take (waiting for a connection included) before its lookups fail
+/// as unavailable, so a stuck connection cannot hold every miss of the process.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the registry knows of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registration {
@@ -108,7 +112,10 @@ async fn load(pool: Pool, mut queued: mpsc::UnboundedReceiver<Load>) {
         let taken = std::mem::take(&mut batch);
         tokio::spawn(async move {
             let ids: Vec<&str> = taken.iter().map(|(device, _)| device.as_str()).collect();
-            match read(&pool, &ids).await {
+            let outcome = tokio::time::timeout(READ_TIMEOUT, read(&pool, &ids))
+                .await
+                .unwrap_or_else(|_| Err(format!("registry read timed out after {READ_TIMEOUT:?}")));
+            match outcome {
                 Ok(enabled) => {
                     for (device, answer) in taken {
                         let registration = match enabled.get(device.as_str()) {

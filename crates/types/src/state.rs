@@ -192,7 +192,24 @@ fn kind(value: &Value) -> &'static str {
 pub fn parse_object(bytes: &[u8]) -> Result<Value, String> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
     ensure_object(&value).map_err(|e| e.to_string())?;
+    if holds_nul(&value) {
+        // PostgreSQL's jsonb refuses it: a document holding it would fail every transaction
+        // that tries to store it.
+        return Err("strings and keys may not contain \\u0000 (PostgreSQL cannot store it)".into());
+    }
     Ok(value)
+}
+
+/// Whether any string or key of `value` contains a NUL character.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(key, field)| key.contains('\0') || holds_nul(field)),
+        _ => false,
+    }
 }
 
 /// Checks that `value` is a JSON object.
@@ -309,6 +326,20 @@ mod tests {
                 .unwrap_err()
                 .starts_with("invalid JSON")
         );
+    }
+
+    #[test]
+    fn nul_characters_are_refused_anywhere_in_a_document() {
+        for bad in [
+            &br#"{"a": "x\u0000y"}"#[..],
+            br#"{"a\u0000": 1}"#,
+            br#"{"a": [{"b": ["\u0000"]}]}"#,
+        ] {
+            let error = parse_object(bad).unwrap_err();
+            assert!(error.contains("u0000"), "{error}");
+        }
+        // A backslash followed by the text u0000 is not a NUL.
+        assert!(parse_object(br#"{"a": "\\u0000"}"#).is_ok());
     }
 
     #[test]
