@@ -56,12 +56,16 @@ pub const OUTBOX_OWNER: &str = "reconciler";
 /// The stage a report emits when it brings a device into sync with its desired state.
 pub const STAGE_CONVERGED: &str = "converged";
 
-/// A deliberate crash point, for tests that prove a crash loses and duplicates nothing.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A deliberate fault, for tests that prove a crash or a refusing database loses and
+/// duplicates nothing.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Failpoint {
     /// Abort the process right after a commit, before publishing or acking: after each commit
     /// with this probability (1: the first).
     AbortAfterCommit { probability: f64 },
+    /// Fail every transaction holding a request of this device, as a database refusing that
+    /// request would.
+    RefuseDevice(DeviceId),
 }
 
 /// Metrics of the apply path.
@@ -379,8 +383,8 @@ impl Shared {
         self.metrics
             .transaction_seconds
             .observe(started.elapsed().as_secs_f64());
-        if let Some(Failpoint::AbortAfterCommit { probability }) = self.failpoint
-            && rand::random::<f64>() < probability
+        if let Some(Failpoint::AbortAfterCommit { probability }) = &self.failpoint
+            && rand::random::<f64>() < *probability
         {
             tracing::error!("failpoint abort-after-commit: aborting the process");
             std::process::abort();
@@ -479,6 +483,11 @@ impl Shared {
         requests: &[Request],
         outcomes: &mut [Outcome],
     ) -> Result<Committed, TxError> {
+        if let Some(Failpoint::RefuseDevice(refused)) = &self.failpoint
+            && requests.iter().any(|r| &r.device == refused)
+        {
+            return Err(TxError::Failpoint(format!("refuse-device {refused}")));
+        }
         let mut client = self
             .pool
             .get()
@@ -894,6 +903,8 @@ impl Outputs {
 enum TxError {
     #[error("connection pool: {0}")]
     Pool(String),
+    #[error("failpoint: {0}")]
+    Failpoint(String),
     #[error("{}", devsync_store::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }

@@ -56,8 +56,9 @@ pub struct ReconcilerSettings {
     /// How old an outbox row must be before the sweeper publishes it.
     #[serde(with = "humantime_serde")]
     pub outbox_age: Duration,
-    /// Test-only crash point: `abort-after-commit` (the first commit), or
-    /// `abort-after-commit:<p>` (each commit with probability p; the chaos suite's).
+    /// Test-only fault: `abort-after-commit` (the first commit), `abort-after-commit:<p>`
+    /// (each commit with probability p; the chaos suite's), or `refuse-device:<id>` (every
+    /// transaction holding that device's requests fails).
     pub failpoint: Option<String>,
 }
 
@@ -91,6 +92,12 @@ impl Settings {
             Some("abort-after-commit") => {
                 Ok(Some(Failpoint::AbortAfterCommit { probability: 1.0 }))
             }
+            Some(other) if other.starts_with("refuse-device:") => {
+                let device = &other["refuse-device:".len()..];
+                devsync_types::DeviceId::parse(device)
+                    .map(|d| Some(Failpoint::RefuseDevice(d)))
+                    .map_err(|e| ConfigError::invalid("reconciler.failpoint", e.to_string()))
+            }
             Some(other) => {
                 let probability = other
                     .strip_prefix("abort-after-commit:")
@@ -101,8 +108,9 @@ impl Settings {
                     None => Err(ConfigError::invalid(
                         "reconciler.failpoint",
                         format!(
-                            "{other:?} is not a failpoint (abort-after-commit, or \
-                             abort-after-commit:<probability per batch, 0 < p <= 1>)"
+                            "{other:?} is not a failpoint (abort-after-commit, \
+                             abort-after-commit:<probability per batch, 0 < p <= 1>, or \
+                             refuse-device:<device id>)"
                         ),
                     )),
                 }

@@ -480,3 +480,92 @@ async fn batches_of_several_partitions_share_a_transaction_and_keep_their_own_ou
     shutdown.cancel();
     running.wait().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_the_database_refuses_fails_only_its_own_batch() {
+    let stack = Stack::start().await;
+    let mut topology = stack.common("test").topology;
+    topology.max_deliver = 3;
+    devsync_runtime::topology::Topology::new(topology.clone())
+        .declare(&stack.js)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..200).map(|i| format!("iso-{i:03}")).collect();
+    stack
+        .register(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    for id in &ids {
+        raw_report(&stack, id, 1, json!({ "ok": true })).await;
+    }
+    // Batches of one request, two transaction slots: the refused device's batch is combined
+    // with other partitions' batches again and again while it is retried.
+    let mut settings = stack.reconciler_settings("iso-1");
+    settings.reconciler.transactions = 2;
+    settings.reconciler.failpoint = Some("refuse-device:iso-007".into());
+    settings.common.worker.batch_size = 1;
+    settings.common.topology = topology;
+    let shutdown = devsync_runtime::Shutdown::new();
+    let running = devsync_reconciler::start(settings, shutdown.clone())
+        .await
+        .unwrap();
+
+    // Only the refused request is dead-lettered, after its deliveries ran out...
+    wait_for(
+        Duration::from_secs(30),
+        "the refused request dead-lettered",
+        || async {
+            let dead = stack.stored(names::STREAM_DLQ).await;
+            (!dead.is_empty()).then_some(())
+        },
+    )
+    .await;
+    // ...and every other device's report is applied.
+    wait_for(
+        Duration::from_secs(30),
+        "every other report applied",
+        || async {
+            let applied = stack
+                .scalar(
+                    "SELECT count(*) FROM devices WHERE id LIKE 'iso-%' AND reported_version = 1",
+                )
+                .await;
+            (applied == 199).then_some(())
+        },
+    )
+    .await;
+    let dead: Vec<String> = stack
+        .stored(names::STREAM_DLQ)
+        .await
+        .iter()
+        .map(|(_, payload)| {
+            let letter = pb::DeadLetter::decode(payload.clone()).unwrap();
+            let (_, _, device) = subjects::parse_request(&letter.subject).unwrap();
+            device.to_string()
+        })
+        .collect();
+    assert!(!dead.is_empty());
+    assert_eq!(dead, vec!["iso-007".to_owned()]);
+    assert_eq!(
+        stack
+            .scalar("SELECT reported_version FROM devices WHERE id = 'iso-007'")
+            .await,
+        0
+    );
+    // No request that shared a transaction with it was retried: only its own first two
+    // deliveries (the third was its last, dead-lettered).
+    let page = reqwest::get(format!("http://{}/metrics", running.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retried: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("devsync_worker_messages_total{"))
+        .filter(|l| l.contains("outcome=\"retried\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(retried, 2.0);
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
