@@ -148,7 +148,11 @@ struct Waiting {
 /// partitions, in one transaction, and hands each worker its outcomes. Partitions never share
 /// a device, and devices are locked in id order, so this is the same transaction as one
 /// partition's, only larger. At moderate rates a partition's batch holds a few requests, and
-/// one transaction per partition batch cost twice the CPU per report of full load.
+/// one transaction per partition batch cost twice the CPU per report of full load. A worker
+/// stopped while its batch waits (its partition handed over) leaves the batch queued: it is
+/// still applied, nobody acks it, and its redelivery finds every request already applied.
+/// When the database refuses a combined transaction, each batch is retried alone at once, so
+/// one partition's bad request fails only its own batch.
 #[derive(Debug, Clone)]
 pub struct Applier {
     pub shared: Arc<Shared>,
