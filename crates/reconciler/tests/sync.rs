@@ -385,13 +385,39 @@ async fn bulk_work_does_not_hold_back_real_time_work() {
     requestor.stop().await;
 }
 
-/// Sums the samples of `metric` (every label set) in a Prometheus text page.
-fn metric_sum(page: &str, metric: &str) -> f64 {
+/// Sums the samples of `metric` whose labels contain `label` ("" for every label set) in a
+/// Prometheus text page.
+fn metric_sum(page: &str, metric: &str, label: &str) -> f64 {
     page.lines()
         .filter(|line| line.starts_with(metric))
         .filter(|line| line[metric.len()..].starts_with(['{', ' ']))
+        .filter(|line| line.contains(label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The metrics page of a service running in-process.
+async fn metrics_page(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The devices whose requests are in the dead-letter stream, one entry per dead letter.
+async fn dead_lettered_devices(stack: &Stack) -> Vec<String> {
+    stack
+        .stored(names::STREAM_DLQ)
+        .await
+        .iter()
+        .map(|(_, payload)| {
+            let letter = pb::DeadLetter::decode(payload.clone()).unwrap();
+            let (_, _, device) = subjects::parse_request(&letter.subject).unwrap();
+            device.to_string()
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -448,31 +474,21 @@ async fn batches_of_several_partitions_share_a_transaction_and_keep_their_own_ou
         .await;
     assert_eq!(wrong, 0);
     // Each poison message was dead-lettered, and only those.
-    let dead = wait_for(Duration::from_secs(10), "poison dead-lettered", || async {
-        let dead = stack.stored(names::STREAM_DLQ).await;
+    let mut dead = wait_for(Duration::from_secs(10), "poison dead-lettered", || async {
+        let dead = dead_lettered_devices(&stack).await;
         (dead.len() >= poisoned.len()).then_some(dead)
     })
     .await;
-    let mut dead_devices: Vec<String> = dead
-        .iter()
-        .map(|(_, payload)| {
-            let letter = pb::DeadLetter::decode(payload.clone()).unwrap();
-            let (_, _, device) = subjects::parse_request(&letter.subject).unwrap();
-            device.to_string()
-        })
-        .collect();
-    dead_devices.sort();
-    assert_eq!(dead_devices, poisoned);
+    dead.sort();
+    assert_eq!(dead, poisoned);
     // And batches did share transactions.
-    let page = reqwest::get(format!("http://{}/metrics", running.http_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let transactions = metric_sum(&page, "devsync_reconcile_transaction_seconds_count");
-    let batches = metric_sum(&page, "devsync_worker_batch_size_count");
-    assert_eq!(metric_sum(&page, "devsync_reports_applied_total"), 400.0);
+    let page = metrics_page(running.http_addr).await;
+    let transactions = metric_sum(&page, "devsync_reconcile_transaction_seconds_count", "");
+    let batches = metric_sum(&page, "devsync_worker_batch_size_count", "");
+    assert_eq!(
+        metric_sum(&page, "devsync_reports_applied_total", ""),
+        400.0
+    );
     assert!(
         transactions < batches,
         "{transactions} transactions for {batches} batches"
@@ -513,10 +529,7 @@ async fn a_request_the_database_refuses_fails_only_its_own_batch() {
     wait_for(
         Duration::from_secs(30),
         "the refused request dead-lettered",
-        || async {
-            let dead = stack.stored(names::STREAM_DLQ).await;
-            (!dead.is_empty()).then_some(())
-        },
+        || async { (!dead_lettered_devices(&stack).await.is_empty()).then_some(()) },
     )
     .await;
     // ...and every other device's report is applied.
@@ -533,18 +546,10 @@ async fn a_request_the_database_refuses_fails_only_its_own_batch() {
         },
     )
     .await;
-    let dead: Vec<String> = stack
-        .stored(names::STREAM_DLQ)
-        .await
-        .iter()
-        .map(|(_, payload)| {
-            let letter = pb::DeadLetter::decode(payload.clone()).unwrap();
-            let (_, _, device) = subjects::parse_request(&letter.subject).unwrap();
-            device.to_string()
-        })
-        .collect();
-    assert!(!dead.is_empty());
-    assert_eq!(dead, vec!["iso-007".to_owned()]);
+    assert_eq!(
+        dead_lettered_devices(&stack).await,
+        vec!["iso-007".to_owned()]
+    );
     assert_eq!(
         stack
             .scalar("SELECT reported_version FROM devices WHERE id = 'iso-007'")
@@ -553,18 +558,12 @@ async fn a_request_the_database_refuses_fails_only_its_own_batch() {
     );
     // No request that shared a transaction with it was retried: only its own first two
     // deliveries (the third was its last, dead-lettered).
-    let page = reqwest::get(format!("http://{}/metrics", running.http_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let retried: f64 = page
-        .lines()
-        .filter(|l| l.starts_with("devsync_worker_messages_total{"))
-        .filter(|l| l.contains("outcome=\"retried\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let page = metrics_page(running.http_addr).await;
+    let retried = metric_sum(
+        &page,
+        "devsync_worker_messages_total",
+        "outcome=\"retried\"",
+    );
     assert_eq!(retried, 2.0);
     shutdown.cancel();
     running.wait().await.unwrap();
