@@ -231,7 +231,7 @@ impl Ingress {
             if is_refresh(&message) {
                 continue;
             }
-            self.spawn(message, false, &self.in_flight).await;
+            self.spawn(message, false).await;
         }
         let _ = all.unsubscribe().await;
     }
@@ -246,18 +246,19 @@ impl Ingress {
                 message = refreshes.next() => message,
             };
             let Some(message) = message else { break };
-            self.spawn(message, true, &self.refresh_in_flight).await;
+            self.spawn(message, true).await;
         }
         let _ = refreshes.unsubscribe().await;
     }
 
-    /// Handles `message` in a task of the current runtime, holding a permit of `budget`.
-    async fn spawn(
-        self: &Arc<Self>,
-        message: Message,
-        refresh_path: bool,
-        budget: &Arc<Semaphore>,
-    ) {
+    /// Handles `message` in a task of the current runtime, holding a permit of its path's
+    /// in-flight budget.
+    async fn spawn(self: &Arc<Self>, message: Message, refresh_path: bool) {
+        let budget = if refresh_path {
+            &self.refresh_in_flight
+        } else {
+            &self.in_flight
+        };
         let Ok(permit) = budget.clone().acquire_owned().await else {
             return;
         };
