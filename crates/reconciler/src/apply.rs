@@ -195,22 +195,30 @@ impl Applier {
                 drop(slot);
                 return outcomes.await.unwrap_or_else(|_| stopped());
             }
-            let together: Vec<Delivery> =
-                taken.iter().flat_map(|w| w.batch.iter().cloned()).collect();
+            // The batches' deliveries in one run, and where each batch's part ends.
+            let mut together = Vec::new();
+            let mut parts = Vec::with_capacity(taken.len());
+            for waiting in taken {
+                together.extend(waiting.batch);
+                parts.push((together.len(), waiting.done));
+            }
             let (mut results, failed) = self.shared.apply_or_fail(&together).await;
-            if failed && taken.len() > 1 {
+            if failed && parts.len() > 1 {
                 // Whatever the database refused may be one batch's: each batch alone, so it
                 // fails (and is retried, then dead-lettered) without the others.
                 results = Vec::with_capacity(together.len());
-                for waiting in &taken {
-                    results.extend(self.shared.apply(&waiting.batch).await);
+                let mut start = 0;
+                for (end, _) in &parts {
+                    results.extend(self.shared.apply(&together[start..*end]).await);
+                    start = *end;
                 }
             }
-            let mut results = results.into_iter();
             drop(slot);
-            for waiting in taken {
-                let mine: Vec<Outcome> = results.by_ref().take(waiting.batch.len()).collect();
-                let _ = waiting.done.send(mine);
+            let mut results = results.into_iter();
+            let mut start = 0;
+            for (end, done) in parts {
+                let _ = done.send(results.by_ref().take(end - start).collect());
+                start = end;
             }
         }
     }
@@ -442,10 +450,11 @@ impl Shared {
                     full: report.full,
                 }
             }
-            Some(sync_request::Kind::Ack(ack)) if ack.error.contains('\0') => {
-                return Err(Decoded::Poison(
-                    "ack error contains a NUL character (PostgreSQL cannot store it)".into(),
-                ));
+            Some(sync_request::Kind::Ack(ack)) if state::storable(&ack.error).is_err() => {
+                return Err(Decoded::Poison(format!(
+                    "ack error {}",
+                    state::NOT_STORABLE
+                )));
             }
             Some(sync_request::Kind::Ack(ack)) => Work::Ack {
                 version: i64::try_from(ack.desired_version).unwrap_or(i64::MAX),

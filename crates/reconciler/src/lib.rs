@@ -92,8 +92,7 @@ impl Settings {
             Some("abort-after-commit") => {
                 Ok(Some(Failpoint::AbortAfterCommit { probability: 1.0 }))
             }
-            Some(other) if other.starts_with("refuse-device:") => {
-                let device = &other["refuse-device:".len()..];
+            Some(other) if let Some(device) = other.strip_prefix("refuse-device:") => {
                 devsync_types::DeviceId::parse(device)
                     .map(|d| Some(Failpoint::RefuseDevice(d)))
                     .map_err(|e| ConfigError::invalid("reconciler.failpoint", e.to_string()))

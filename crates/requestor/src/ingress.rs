@@ -647,12 +647,8 @@ fn check_content(
         MessageKind::Ack => {
             let ack: DesiredAck = decode(payload, kind)?;
             check_identity(device, &ack.device_id)?;
-            if ack.error.contains('\0') {
-                return Err(Refusal::new(
-                    Code::Invalid,
-                    "error may not contain NUL characters",
-                ));
-            }
+            state::storable(&ack.error)
+                .map_err(|why| Refusal::new(Code::Invalid, format!("error {why}")))?;
             if ack.desired_version == 0 {
                 return Err(Refusal::new(
                     Code::Invalid,

@@ -192,23 +192,35 @@ fn kind(value: &Value) -> &'static str {
 pub fn parse_object(bytes: &[u8]) -> Result<Value, String> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
     ensure_object(&value).map_err(|e| e.to_string())?;
-    if holds_nul(&value) {
-        // PostgreSQL's jsonb refuses it: a document holding it would fail every transaction
-        // that tries to store it.
-        return Err("strings and keys may not contain \\u0000 (PostgreSQL cannot store it)".into());
+    if !storable_document(&value) {
+        return Err(format!("strings and keys {NOT_STORABLE}"));
     }
     Ok(value)
 }
 
-/// Whether any string or key of `value` contains a NUL character.
-fn holds_nul(value: &Value) -> bool {
+/// Why text is refused by [`storable`].
+pub const NOT_STORABLE: &str =
+    "may not contain NUL characters (\\u0000): PostgreSQL cannot store them";
+
+/// Whether PostgreSQL can store `text` (its `text` and `jsonb` refuse NUL: input holding one
+/// would fail every transaction that tries to store it, on every retry).
+pub fn storable(text: &str) -> Result<(), &'static str> {
+    if text.contains('\0') {
+        Err(NOT_STORABLE)
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether every string and key of `value` is [`storable`].
+fn storable_document(value: &Value) -> bool {
     match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
+        Value::String(s) => storable(s).is_ok(),
+        Value::Array(items) => items.iter().all(storable_document),
         Value::Object(fields) => fields
             .iter()
-            .any(|(key, field)| key.contains('\0') || holds_nul(field)),
-        _ => false,
+            .all(|(key, field)| storable(key).is_ok() && storable_document(field)),
+        _ => true,
     }
 }
 
