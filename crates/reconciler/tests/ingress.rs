@@ -45,6 +45,17 @@ fn report(device: &str, sequence: u64, state: &str) -> Bytes {
     .into()
 }
 
+/// A refresh from the subject's device that applied nothing yet.
+fn refresh_request() -> Bytes {
+    RefreshRequest {
+        device_id: String::new(),
+        since_version: 0,
+        sequence: 1,
+    }
+    .encode_to_vec()
+    .into()
+}
+
 #[tokio::test]
 async fn every_bad_message_gets_a_clear_error_and_a_trace() {
     let stack = Stack::start().await;
@@ -56,106 +67,93 @@ async fn every_bad_message_gets_a_clear_error_and_a_trace() {
     let reconciler = stack.reconciler("r1").await;
 
     let garbage = Bytes::from_static(&[0xff, 0xff, 0xff, 0x01, 0x02]);
-    let undecodable = refused(&stack, "devsync.in.good.report", garbage.clone()).await;
-    assert_eq!(undecodable.code(), Code::Undecodable);
-    assert!(
-        undecodable.message.contains("not a valid report message"),
-        "{}",
-        undecodable.message
-    );
-
-    let big = Bytes::from(vec![b'x'; 300 * 1024]);
-    let too_large = refused(&stack, "devsync.in.good.report", big).await;
-    assert_eq!(too_large.code(), Code::TooLarge);
-    assert!(
-        too_large.message.contains("at most 262144"),
-        "{}",
-        too_large.message
-    );
-
-    let unknown_kind = refused(&stack, "devsync.in.good.reboot", report("good", 1, "{}")).await;
-    assert_eq!(unknown_kind.code(), Code::UnknownKind);
-    assert!(
-        unknown_kind.message.contains("\"reboot\""),
-        "{}",
-        unknown_kind.message
-    );
-
-    let wrong = refused(
-        &stack,
-        "devsync.in.good.report",
-        report("someone-else", 1, "{}"),
-    )
-    .await;
-    assert_eq!(wrong.code(), Code::WrongIdentity);
-    assert!(wrong.message.contains("someone-else"), "{}", wrong.message);
-
-    let unknown = refused(&stack, "devsync.in.stranger.report", report("", 1, "{}")).await;
-    assert_eq!(unknown.code(), Code::UnknownDevice);
-    assert!(unknown.message.contains("not registered"));
-
-    let disabled = refused(&stack, "devsync.in.off.report", report("", 1, "{}")).await;
-    assert_eq!(disabled.code(), Code::UnknownDevice);
-    assert!(disabled.message.contains("disabled"));
-
-    // A refresh is answered on the refresh runtime, whose query checks the registration.
-    let refresh: Bytes = RefreshRequest {
-        device_id: String::new(),
-        since_version: 0,
-        sequence: 1,
+    let good_report = "devsync.in.good.report";
+    let cases: Vec<(&str, Bytes, Code, &str)> = vec![
+        (
+            good_report,
+            garbage.clone(),
+            Code::Undecodable,
+            "not a valid report message",
+        ),
+        (
+            good_report,
+            Bytes::from(vec![b'x'; 300 * 1024]),
+            Code::TooLarge,
+            "at most 262144",
+        ),
+        (
+            "devsync.in.good.reboot",
+            report("good", 1, "{}"),
+            Code::UnknownKind,
+            "\"reboot\"",
+        ),
+        (
+            good_report,
+            report("someone-else", 1, "{}"),
+            Code::WrongIdentity,
+            "someone-else",
+        ),
+        (
+            "devsync.in.stranger.report",
+            report("", 1, "{}"),
+            Code::UnknownDevice,
+            "not registered",
+        ),
+        (
+            "devsync.in.off.report",
+            report("", 1, "{}"),
+            Code::UnknownDevice,
+            "disabled",
+        ),
+        // A refresh is answered on the refresh runtime, whose query checks the registration.
+        (
+            "devsync.in.stranger.refresh",
+            refresh_request(),
+            Code::UnknownDevice,
+            "not registered",
+        ),
+        (
+            "devsync.in.off.refresh",
+            refresh_request(),
+            Code::UnknownDevice,
+            "disabled",
+        ),
+        (
+            good_report,
+            report("", 1, "[1, 2]"),
+            Code::Invalid,
+            "must be a JSON object",
+        ),
+        (good_report, report("", 1, "{oops"), Code::Invalid, ""),
+        (good_report, report("", 0, "{}"), Code::Invalid, ""),
+        // What PostgreSQL cannot store is refused at the door, not retried until
+        // dead-lettered.
+        (
+            good_report,
+            report("", 1, r#"{"name": "a\u0000b"}"#),
+            Code::Invalid,
+            "u0000",
+        ),
+        (
+            "devsync.in.good.ack",
+            DesiredAck {
+                desired_version: 1,
+                sequence: 1,
+                success: false,
+                error: "bad\0byte".into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+            .into(),
+            Code::Invalid,
+            "NUL",
+        ),
+    ];
+    for (subject, payload, code, says) in cases {
+        let reply = refused(&stack, subject, payload).await;
+        assert_eq!(reply.code(), code, "{subject}: {}", reply.message);
+        assert!(reply.message.contains(says), "{subject}: {}", reply.message);
     }
-    .encode_to_vec()
-    .into();
-    let unknown_refresh = refused(&stack, "devsync.in.stranger.refresh", refresh.clone()).await;
-    assert_eq!(unknown_refresh.code(), Code::UnknownDevice);
-    assert!(
-        unknown_refresh.message.contains("not registered"),
-        "{}",
-        unknown_refresh.message
-    );
-    let disabled_refresh = refused(&stack, "devsync.in.off.refresh", refresh).await;
-    assert_eq!(disabled_refresh.code(), Code::UnknownDevice);
-    assert!(
-        disabled_refresh.message.contains("disabled"),
-        "{}",
-        disabled_refresh.message
-    );
-
-    let not_object = refused(&stack, "devsync.in.good.report", report("", 1, "[1, 2]")).await;
-    assert_eq!(not_object.code(), Code::Invalid);
-    assert!(
-        not_object.message.contains("must be a JSON object"),
-        "{}",
-        not_object.message
-    );
-
-    let bad_json = refused(&stack, "devsync.in.good.report", report("", 1, "{oops")).await;
-    assert_eq!(bad_json.code(), Code::Invalid);
-
-    let no_sequence = refused(&stack, "devsync.in.good.report", report("", 0, "{}")).await;
-    assert_eq!(no_sequence.code(), Code::Invalid);
-
-    // What PostgreSQL cannot store is refused at the door, not retried until dead-lettered.
-    let nul = refused(
-        &stack,
-        "devsync.in.good.report",
-        report("", 1, r#"{"name": "a\u0000b"}"#),
-    )
-    .await;
-    assert_eq!(nul.code(), Code::Invalid);
-    assert!(nul.message.contains("u0000"), "{}", nul.message);
-    let nul_ack: Bytes = DesiredAck {
-        desired_version: 1,
-        sequence: 1,
-        success: false,
-        error: "bad\0byte".into(),
-        ..Default::default()
-    }
-    .encode_to_vec()
-    .into();
-    let nul_ack = refused(&stack, "devsync.in.good.ack", nul_ack).await;
-    assert_eq!(nul_ack.code(), Code::Invalid);
-    assert!(nul_ack.message.contains("NUL"), "{}", nul_ack.message);
 
     // The next good message goes through.
     let device = stack.device("good").await;
