@@ -86,6 +86,7 @@ pub async fn sweep(
     let tx = client.transaction().await?;
     let rows = tx.query(CLAIM, &[&age.as_secs_f64(), &owner]).await?;
     let mut ids = Vec::with_capacity(rows.len());
+    let mut failure = None;
     for row in &rows {
         let id: i64 = row.get(0);
         let payload: Vec<u8> = row.get(1);
@@ -96,7 +97,15 @@ pub async fn sweep(
                 continue;
             }
         };
-        publish::publish_all(js, batch.messages.into_iter().map(Outgoing::from_outbox)).await?;
+        let published =
+            publish::publish_all(js, batch.messages.into_iter().map(Outgoing::from_outbox)).await;
+        if let Err(error) = published {
+            // The rows published so far are deleted all the same: a sweep that fails at its
+            // last row must not publish every earlier row again next time (after a NATS
+            // outage a sweep of large rows could otherwise never finish).
+            failure = Some(error);
+            break;
+        }
         ids.push(id);
     }
     if !ids.is_empty() {
@@ -104,5 +113,8 @@ pub async fn sweep(
             .await?;
     }
     tx.commit().await?;
-    Ok(ids.len())
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(ids.len()),
+    }
 }
