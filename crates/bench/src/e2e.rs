@@ -39,8 +39,8 @@ pub struct Results {
     pub refresh_under_load: Option<RefreshFigures>,
     /// Refreshes at 1,000/s while reports are paced at half the measured peak (scenario c).
     pub refresh_half_load: Option<RefreshFigures>,
-    /// The paced report load of scenario c: (reports/s, ingress p50 ms, ingress p99 ms).
-    pub half_load: Option<(f64, f64, f64)>,
+    /// The paced report load of scenario c.
+    pub half_load: Option<PacedFigures>,
     /// Refreshes at 1,000/s once the load is over.
     pub refresh_idle: Option<RefreshFigures>,
     pub services: Vec<ProcStats>,
@@ -59,6 +59,20 @@ pub struct Sample {
     pub accepted: u64,
     /// Reports applied in PostgreSQL (the reconciler's counter).
     pub applied: u64,
+}
+
+/// Reports sent at a fixed rate (scenario c), and what became of them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PacedFigures {
+    /// Reports answered as durable.
+    pub sent: u64,
+    pub per_second: f64,
+    pub ingress_p50_ms: f64,
+    pub ingress_p99_ms: f64,
+    /// Report to database commit over these reports only (the reconciler's histogram between
+    /// two scrapes; bucket upper bounds, buckets 1.5 times apart).
+    pub to_db_p50_ms: Option<f64>,
+    pub to_db_p99_ms: Option<f64>,
 }
 
 /// The percentiles drawn in the latency chart.
@@ -108,14 +122,14 @@ pub struct RefreshFigures {
 }
 
 /// Sends reports at `rate` per second for `duration` (sequences above `first_sequence`),
-/// returning (reports/s achieved, ingress p50 ms, ingress p99 ms).
+/// measuring the ingress answer time; the time to the database is filled in by the caller.
 async fn paced_reports(
     client: async_nats::Client,
     devices: usize,
     first_sequence: u64,
     rate: u32,
     duration: Duration,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<PacedFigures> {
     // Report n is due at n / rate seconds after the start: each worker sleeps until the due
     // time of the next report it takes. (A shared rate limiter's waiters — 500 of them — kept
     // a timer thread busy, taking CPU from the system under test.)
@@ -161,11 +175,14 @@ async fn paced_reports(
         latency.add(histogram)?;
         sent += count;
     }
-    Ok((
-        sent as f64 / started.elapsed().as_secs_f64(),
-        latency.value_at_quantile(0.5) as f64 / 1000.0,
-        latency.value_at_quantile(0.99) as f64 / 1000.0,
-    ))
+    Ok(PacedFigures {
+        sent,
+        per_second: sent as f64 / started.elapsed().as_secs_f64(),
+        ingress_p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
+        ingress_p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
+        to_db_p50_ms: None,
+        to_db_p99_ms: None,
+    })
 }
 
 /// Refreshes at 1,000/s for 10 s, sent as waking devices elsewhere would send them: on a
@@ -448,10 +465,35 @@ pub async fn run(
         half,
         Duration::from_secs(20),
     );
+    let before_paced = reconciler.metrics().await.unwrap_or_default();
     let refresh_half =
         RefreshProbe::start(&requestor, nats_url, devices, Duration::from_secs(5)).await?;
     let (half_load, refresh_half_load) = tokio::join!(paced, refresh_half.finish(&requestor));
-    let half_load = half_load.ok();
+    let mut half_load = half_load.ok();
+    if let Some(paced) = half_load.as_mut() {
+        // Every paced report applied, then its share of the reconciler's histogram.
+        reconciler
+            .wait_for_counter(
+                "devsync_reports_applied_total",
+                total + paced.sent,
+                Instant::now(),
+                Duration::from_secs(120),
+                Duration::from_millis(200),
+            )
+            .await?;
+        let after_paced = reconciler.metrics().await.unwrap_or_default();
+        let to_db = |q| {
+            procs::histogram_quantile_between(
+                &before_paced,
+                &after_paced,
+                "devsync_report_to_db_seconds",
+                q,
+            )
+            .map(|seconds| seconds * 1000.0)
+        };
+        paced.to_db_p50_ms = to_db(0.5);
+        paced.to_db_p99_ms = to_db(0.99);
+    }
     let refresh_idle = RefreshProbe::start(&requestor, nats_url, devices, Duration::ZERO)
         .await?
         .finish(&requestor)

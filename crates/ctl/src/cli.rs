@@ -190,8 +190,8 @@ pub enum DevicesCommand {
         #[arg(long, value_name = "KEY")]
         remove: Vec<String>,
     },
-    /// Disable a device: the requestor refuses its messages until it is enabled again (once
-    /// its cached registration expires: requestor.device_cache_ttl, 30s by default).
+    /// Disable a device: the requestor refuses its messages until it is enabled again (the
+    /// database notifies every requestor, which forgets the cached registration at once).
     Disable {
         /// The device id.
         id: String,

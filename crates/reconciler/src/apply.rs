@@ -83,7 +83,7 @@ impl Metrics {
         let metrics = Self {
             applied: Counter::default(),
             duplicates: Counter::default(),
-            report_to_db: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
+            report_to_db: Histogram::new(exponential_buckets(0.0005, 1.5, 30)),
             transaction_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
         registry.register(
@@ -202,7 +202,7 @@ impl Applier {
                 together.extend(waiting.batch);
                 parts.push((together.len(), waiting.done));
             }
-            let (mut results, failed) = self.shared.apply_or_fail(&together).await;
+            let (mut results, failed, committed) = self.shared.commit_or_fail(&together).await;
             if failed && parts.len() > 1 {
                 // Whatever the database refused may be one batch's: each batch alone, so it
                 // fails (and is retried, then dead-lettered) without the others.
@@ -213,7 +213,10 @@ impl Applier {
                     start = *end;
                 }
             }
+            // Committed: the next transaction may start while this one's outputs are
+            // published (waiting for JetStream's acks) and its outbox row deleted.
             drop(slot);
+            let results = self.shared.publish(results, committed).await;
             let mut results = results.into_iter();
             let mut start = 0;
             for (end, done) in parts {
@@ -358,6 +361,8 @@ const STAGE_ONCE: &str = "INSERT INTO processed_requests (device_id, request_id)
 struct Committed {
     outbox_id: Option<i64>,
     messages: Vec<Outgoing>,
+    /// The deliveries (by index) the transaction applied: retried if publishing fails.
+    applied: Vec<usize>,
 }
 
 impl Shared {
@@ -369,6 +374,14 @@ impl Shared {
     /// Applies `batch`: one outcome per delivery, and whether its transaction failed (then
     /// every decoded request is to be retried).
     async fn apply_or_fail(&self, batch: &[Delivery]) -> (Vec<Outcome>, bool) {
+        let (outcomes, failed, committed) = self.commit_or_fail(batch).await;
+        (self.publish(outcomes, committed).await, failed)
+    }
+
+    /// The transaction half of [`Shared::apply_or_fail`]: decodes and commits `batch`,
+    /// returning the outcomes so far, whether the transaction failed, and what the commit
+    /// must still publish. The caller's transaction slot is free again once this returns.
+    async fn commit_or_fail(&self, batch: &[Delivery]) -> (Vec<Outcome>, bool, Option<Committed>) {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut requests = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.iter().enumerate() {
@@ -379,17 +392,17 @@ impl Shared {
             }
         }
         if requests.is_empty() {
-            return (outcomes, false);
+            return (outcomes, false, None);
         }
         let started = std::time::Instant::now();
-        let committed = match self.transact(batch, &requests, &mut outcomes).await {
+        let mut committed = match self.transact(batch, &requests, &mut outcomes).await {
             Ok(committed) => committed,
             Err(error) => {
                 tracing::warn!(%error, batch = batch.len(), "batch transaction failed; retrying");
                 for request in &requests {
                     outcomes[request.index] = Outcome::Retry(format!("database: {error}"));
                 }
-                return (outcomes, true);
+                return (outcomes, true, None);
             }
         };
         self.metrics
@@ -401,21 +414,34 @@ impl Shared {
             tracing::error!("failpoint abort-after-commit: aborting the process");
             std::process::abort();
         }
+        committed.applied = requests.iter().map(|r| r.index).collect();
+        (outcomes, false, Some(committed))
+    }
+
+    /// The publishing half of [`Shared::apply_or_fail`]: publishes what `committed` recorded
+    /// and deletes its outbox row. If publishing fails, every applied request is retried
+    /// (nothing is acked, the outbox sweeper publishes the row, a redelivery changes nothing).
+    async fn publish(
+        &self,
+        mut outcomes: Vec<Outcome>,
+        committed: Option<Committed>,
+    ) -> Vec<Outcome> {
+        let Some(committed) = committed else {
+            return outcomes;
+        };
         if let Err(error) = publish::publish_all(&self.js, committed.messages).await {
-            // Committed: the outbox sweeper publishes the row; ack nothing so a crash here is
-            // covered twice.
             tracing::warn!(%error, "publishing outputs failed; the outbox sweeper will retry");
-            for request in &requests {
-                outcomes[request.index] = Outcome::Retry(format!("publish outputs: {error}"));
+            for index in committed.applied {
+                outcomes[index] = Outcome::Retry(format!("publish outputs: {error}"));
             }
-            return (outcomes, false);
+            return outcomes;
         }
         if let Some(id) = committed.outbox_id
             && let Err(error) = devsync_runtime::outbox::delete(&self.pool, id).await
         {
             tracing::warn!(%error, outbox_id = id, "cannot delete published outbox row");
         }
-        (outcomes, false)
+        outcomes
     }
 
     async fn decode(&self, index: usize, delivery: &Delivery) -> Result<Request, Decoded> {
@@ -798,6 +824,7 @@ impl Shared {
         Ok(Committed {
             outbox_id,
             messages,
+            applied: Vec::new(),
         })
     }
 

@@ -160,6 +160,17 @@ async fn every_bad_message_gets_a_clear_error_and_a_trace() {
     device.report(&json!({"ok": true}), true).await.unwrap();
     assert_eq!(stack.wait_reported("good", 1).await, json!({"ok": true}));
 
+    // Each service's database connections name its worker (an operator's pg_stat_activity).
+    for name in ["requestor/%", "requestor/%-refresh", "reconciler/%"] {
+        let connections = stack
+            .scalar(&format!(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name LIKE '{name}'"
+            ))
+            .await;
+        assert!(connections > 0, "no connection named {name}");
+    }
+
     // Every refusal was audited; the undecodable one was dead-lettered with its bytes.
     let refusals = wait_for(Duration::from_secs(10), "refusal audit events", || async {
         let events: Vec<AuditEvent> = stack

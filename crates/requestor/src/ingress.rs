@@ -78,7 +78,7 @@ impl Metrics {
         let metrics = Self {
             accepted: Family::default(),
             refused: Family::default(),
-            refresh_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
+            refresh_seconds: Histogram::new(exponential_buckets(0.0002, 1.5, 24)),
         };
         registry.register(
             "devsync_ingress_accepted",
@@ -193,6 +193,11 @@ impl Ingress {
             checkins,
             metrics,
         }
+    }
+
+    /// The registration cache ingress checks devices against.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Joins the queue group on every device subject, and the refresh group on refreshes.

@@ -32,6 +32,7 @@
 pub mod campaigns;
 pub mod checkins;
 pub mod ingress;
+pub mod listen;
 pub mod refresh;
 pub mod registry;
 pub mod relay;
@@ -63,7 +64,9 @@ pub struct RequestorSettings {
     pub rate_per_device: u32,
     /// Burst above the sustained rate.
     pub burst_per_device: u32,
-    /// How long a device's registration (known, enabled) is cached.
+    /// How long a device's registration (known, enabled) is cached at most. Changes are
+    /// notified by the database and forget the entry at once; this is the backstop for a
+    /// notification lost without the listening connection noticing.
     #[serde(with = "humantime_serde")]
     pub device_cache_ttl: Duration,
     /// Most registrations cached.
@@ -89,7 +92,7 @@ impl Default for RequestorSettings {
             claim_check_threshold: 8 * 1024,
             rate_per_device: 20,
             burst_per_device: 40,
-            device_cache_ttl: Duration::from_secs(30),
+            device_cache_ttl: Duration::from_secs(300),
             device_cache_capacity: 200_000,
             max_in_flight: 8192,
             checkin_flush: Duration::from_secs(1),
@@ -196,6 +199,10 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         ingress_metrics,
         audits,
     ));
+    let registry_listener = ingress.registry().listen(
+        settings.common.database.url.expose().to_owned(),
+        shutdown.clone(),
+    );
     let (subscription, refreshes) = ingress.subscribe().await?;
     let refresh_task = refresh_runtime
         .handle()
@@ -255,6 +262,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         checkins.flush().await;
         let _ = sweeper.await;
         let _ = relay.await;
+        let _ = registry_listener.await;
         let _ = outbox.await;
         let _ = scheduler.await;
         lease.wait().await;

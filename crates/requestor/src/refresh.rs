@@ -145,7 +145,7 @@ impl Runtime {
                 let client = devsync_runtime::nats::connect(&nats, &name)
                     .await
                     .context("refresh nats connection")?;
-                let pool = devsync_store::pool(&url, CONNECTIONS)?;
+                let pool = devsync_store::named_pool(&url, CONNECTIONS, &name)?;
                 drop(pool.get().await.context("refresh database connection")?);
                 anyhow::Ok(Connections { nats: client, pool })
             })

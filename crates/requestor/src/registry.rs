@@ -1,8 +1,14 @@
 //! Which devices may talk to devsync: registered and enabled. Cached per device (positive and
 //! negative answers alike) so ingress costs no database query per message; concurrent misses
 //! for one device share one query. The cache is `quick_cache` (about 100 bytes per device; the
-//! fleet's active devices must fit in a requestor's memory budget), entries expire after the
-//! TTL.
+//! fleet's active devices must fit in a requestor's memory budget).
+//!
+//! Entries are forgotten when the registration changes: the database notifies
+//! `devsync_registry` on commit of every registration, deletion, enable or disable (migration
+//! V12), and [`Registry::listen`] drops the device's entry (or every entry, for a bulk change
+//! or a new listening connection). The TTL is only the backstop for a notification lost
+//! without the connection noticing. An answer read while a change was being forgotten is
+//! returned but not cached, so a read racing a disable cannot keep the old answer.
 //!
 //! Misses of different devices are read together: a loader task takes every miss queued
 //! while its previous reads ran and reads them in one `id = ANY($1)` query (at most
@@ -12,12 +18,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use devsync_types::DeviceId;
 use quick_cache::sync::Cache;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::listen::Heard;
+
+/// The database channel registration changes are notified on (payload: a device id, or
+/// [`FORGET_ALL`]).
+pub const CHANNEL: &str = "devsync_registry";
+
+/// The notification payload that drops every cached entry.
+pub const FORGET_ALL: &str = "*";
 
 /// Most registration reads in flight at once.
 pub const LOADS_IN_FLIGHT: usize = 2;
@@ -48,6 +64,8 @@ pub struct Registry {
     ttl: Duration,
     cache: Arc<Cache<DeviceId, (Registration, Instant)>>,
     loads: mpsc::UnboundedSender<Load>,
+    /// Bumped whenever entries are forgotten; a read that saw it move is not cached.
+    forgotten: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -68,7 +86,37 @@ impl Registry {
             ttl,
             cache: Arc::new(Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX))),
             loads,
+            forgotten: Arc::default(),
         }
+    }
+
+    /// Forgets what is cached of `device`, or of every device for [`FORGET_ALL`].
+    pub fn forget(&self, device: &str) {
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
+        if device == FORGET_ALL {
+            self.cache.clear();
+        } else if let Ok(device) = DeviceId::parse(device) {
+            self.cache.remove(&device);
+        }
+    }
+
+    /// Forgets entries as the database notifies registration changes, until `shutdown`; a
+    /// new listening connection forgets everything (notifications may have been missed).
+    pub fn listen(
+        &self,
+        database_url: String,
+        shutdown: devsync_runtime::Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let registry = self.clone();
+        tokio::spawn(crate::listen::listen(
+            database_url,
+            CHANNEL,
+            shutdown,
+            move |heard| match heard {
+                Heard::Listening => registry.forget(FORGET_ALL),
+                Heard::Notification(device) => registry.forget(device),
+            },
+        ))
     }
 
     /// The device's registration; a database error is returned, not cached.
@@ -85,11 +133,14 @@ impl Registry {
             Err(guard) => {
                 let (answer, answered) = oneshot::channel();
                 let stopped = || Arc::new("device registry stopped".to_owned());
+                let forgotten = self.forgotten.load(Ordering::SeqCst);
                 self.loads
                     .send((device.clone(), answer))
                     .map_err(|_| stopped())?;
                 let registration = answered.await.map_err(|_| stopped())??;
-                let _ = guard.insert((registration, Instant::now()));
+                if self.forgotten.load(Ordering::SeqCst) == forgotten {
+                    let _ = guard.insert((registration, Instant::now()));
+                }
                 Ok(registration)
             }
         }

@@ -27,7 +27,6 @@ use devsync_runtime::publish::{self, Outgoing};
 use devsync_runtime::telemetry;
 use devsync_types::convert::timestamp;
 use devsync_types::{AuditOutcome, DeviceId, Lane, RequestId, subjects};
-use futures::StreamExt as _;
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -77,7 +76,15 @@ impl Relay {
     /// Relays until `shutdown`: woken by `LISTEN` on `database_url`, and every `poll`.
     pub async fn run(self, database_url: String, poll: Duration, shutdown: Shutdown) {
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(database_url, wake.clone(), shutdown.clone()));
+        let woken = Arc::clone(&wake);
+        // Every notification wakes the relay, and so does a new connection: anything
+        // committed before its LISTEN took effect is found by that wake-up.
+        let listener = tokio::spawn(crate::listen::listen(
+            database_url,
+            CHANNEL,
+            shutdown.clone(),
+            move |_| woken.notify_one(),
+        ));
         loop {
             loop {
                 match self.relay_once().await {
@@ -191,53 +198,5 @@ fn change_message(
         msg_id: request_id.to_string(),
         payload: request.encode_to_vec().into(),
         headers: Some(headers),
-    }
-}
-
-/// Holds a `LISTEN` connection and wakes the relay on every notification; reconnects after a
-/// failure.
-async fn listen(database_url: String, wake: Arc<Notify>, shutdown: Shutdown) {
-    while !shutdown.is_cancelled() {
-        match tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await {
-            Ok((client, mut connection)) => {
-                let mut messages =
-                    futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed();
-                let statement = format!("LISTEN {CHANNEL}");
-                let listening = client.batch_execute(&statement);
-                // The connection must be driven while the LISTEN runs.
-                let mut listening = std::pin::pin!(listening);
-                let ready = loop {
-                    tokio::select! {
-                        result = &mut listening => break result.is_ok(),
-                        message = messages.next() => if message.is_none() { break false },
-                    }
-                };
-                if ready {
-                    // Anything committed before LISTEN took effect is found by this wake-up.
-                    wake.notify_one();
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            message = messages.next() => match message {
-                                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                                    wake.notify_one();
-                                }
-                                Some(Ok(_)) => {}
-                                Some(Err(error)) => {
-                                    tracing::warn!(%error, "listen connection failed");
-                                    break;
-                                }
-                                None => break,
-                            },
-                        }
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot open the listen connection"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
     }
 }

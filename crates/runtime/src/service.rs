@@ -64,8 +64,11 @@ impl Service {
         for problem in report.problems() {
             tracing::warn!(kind = %problem.kind, name = %problem.name, action = ?problem.action, "topology differs from the declaration");
         }
-        let pool =
-            devsync_store::pool(settings.database.url.expose(), settings.database.pool_size)?;
+        let pool = devsync_store::named_pool(
+            settings.database.url.expose(),
+            settings.database.pool_size,
+            &worker_id.to_string(),
+        )?;
         drop(pool.get().await.context("connect to postgres")?);
         tracing::info!(worker_id = %worker_id, "service connected");
         Ok(Self {

@@ -144,6 +144,21 @@ pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
 /// A connection pool of at most `size` connections to `url`.
 pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
     let config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
+    pool_from(config, size)
+}
+
+/// A connection pool whose connections show as `name` (a worker id) in `pg_stat_activity`,
+/// unless `url` names an `application_name` itself: an operator sees which replica holds
+/// which connection, and what it is running.
+pub fn named_pool(url: &str, size: usize, name: &str) -> Result<Pool, StoreError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(StoreError::Url)?;
+    if config.get_application_name().is_none() {
+        config.application_name(name);
+    }
+    pool_from(config, size)
+}
+
+fn pool_from(config: tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
     let manager = Manager::from_config(
         config,
         NoTls,
