@@ -387,6 +387,83 @@ async fn bulk_work_does_not_hold_back_real_time_work() {
 
 /// Sums the samples of `metric` whose labels contain `label` ("" for every label set) in a
 /// Prometheus text page.
+#[tokio::test]
+async fn a_second_transaction_runs_beside_the_first_only_when_many_requests_wait() {
+    let stack = Stack::start().await;
+    stack.declare().await;
+    let ids: Vec<String> = (0..3600).map(|i| format!("pl-{i:04}")).collect();
+    stack
+        .register(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    let applied = |count: i64| {
+        let stack = &stack;
+        async move {
+            wait_for(Duration::from_secs(60), "reports applied", || async {
+                let n = stack
+                    .scalar("SELECT count(*) FROM devices WHERE id LIKE 'pl-%' AND last_seq = 1")
+                    .await;
+                (n >= count).then_some(())
+            })
+            .await
+        }
+    };
+    // A backlog: 3,000 reports wait before the reconciler starts (two rt slots, the default);
+    // batches arrive faster than one transaction at a time applies them.
+    for id in &ids[..3000] {
+        raw_report(&stack, id, 1, json!({ "backlog": true })).await;
+    }
+    let mut settings = stack.reconciler_settings("pl-1");
+    settings.reconciler.parallel_above = 20;
+    let shutdown = devsync_runtime::Shutdown::new();
+    let running = devsync_reconciler::start(settings, shutdown.clone())
+        .await
+        .unwrap();
+    applied(3000).await;
+    let beside = |page: &str| {
+        metric_sum(
+            page,
+            "devsync_reconcile_transactions_beside_another_total",
+            "",
+        )
+    };
+    let after_backlog = beside(&metrics_page(running.http_addr).await);
+    assert!(
+        after_backlog > 0.0,
+        "the backlog never used the second slot"
+    );
+
+    // A trickle: two reports of different partitions at once, every 20 ms. Each pair would
+    // start two transactions; the second waits for the first and runs after it.
+    let partitions = devsync_types::PartitionCount::new(devsync_stack::PARTITIONS).unwrap();
+    let (mut first, mut second): (Vec<&String>, Vec<&String>) = (Vec::new(), Vec::new());
+    for id in &ids[3000..] {
+        let device = DeviceId::parse(id.as_str()).unwrap();
+        if partitions.of(&device).0 == 0 {
+            first.push(id);
+        } else {
+            second.push(id);
+        }
+    }
+    let pairs: Vec<(&String, &String)> = first.into_iter().zip(second).take(100).collect();
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    for (a, b) in &pairs {
+        pace.tick().await;
+        futures::join!(
+            raw_report(&stack, a, 1, json!({ "trickle": true })),
+            raw_report(&stack, b, 1, json!({ "trickle": true }))
+        );
+    }
+    assert_eq!(pairs.len(), 100);
+    applied(3000 + 2 * pairs.len() as i64).await;
+    let after_trickle = beside(&metrics_page(running.http_addr).await);
+    assert_eq!(
+        after_trickle, after_backlog,
+        "transactions ran side by side with few requests waiting"
+    );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
 fn metric_sum(page: &str, metric: &str, label: &str) -> f64 {
     page.lines()
         .filter(|line| line.starts_with(metric))
