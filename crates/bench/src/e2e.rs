@@ -28,6 +28,9 @@ pub struct Results {
     pub ingest_per_second: f64,
     /// Reports applied in PostgreSQL per second, from the first send to the last commit.
     pub applied_per_second: f64,
+    /// Reports per second with their whole audit trail stored too: from the first send until
+    /// `DEVSYNC_AUDIT` is empty (the audit service caught up).
+    pub audited_per_second: f64,
     pub ingress_p50_ms: f64,
     pub ingress_p99_ms: f64,
     pub ingress_p999_ms: f64,
@@ -439,6 +442,26 @@ pub async fn run(
         )
         .await?;
     let applied_seconds = started.elapsed().as_secs_f64();
+    // The audit trail is part of end to end; and scenario c must start from a system at rest,
+    // not one still storing the full-speed load's audit events.
+    let audit_stream = async_nats::jetstream::new(clients[0].clone())
+        .get_stream(devsync_types::names::STREAM_AUDIT)
+        .await?;
+    loop {
+        let info = audit_stream.get_info().await?;
+        if info.state.messages == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the audit service did not catch up within an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let audited_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "scenario a: applied after {applied_seconds:.1}s, audit trail stored after {audited_seconds:.1}s"
+    );
     stop_sampling.cancel();
     let timeline = sampler.await?;
     let per_device_i64 = per_device as i64;
@@ -508,6 +531,7 @@ pub async fn run(
         reports: total,
         ingest_per_second: total as f64 / ingest_seconds,
         applied_per_second: total as f64 / applied_seconds,
+        audited_per_second: total as f64 / audited_seconds,
         ingress_p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
         ingress_p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
         ingress_p999_ms: latency.value_at_quantile(0.999) as f64 / 1000.0,

@@ -124,6 +124,12 @@ impl Results {
             );
             let _ = writeln!(
                 out,
+                "| reports applied with their audit trail stored | {:.0}/s | {:.1}% of JetStream publish |",
+                e.audited_per_second,
+                100.0 * e.audited_per_second / r.jetstream_publish
+            );
+            let _ = writeln!(
+                out,
                 "| reports accepted (durable) | {:.0}/s | {:.1}% of JetStream publish |",
                 e.ingest_per_second,
                 100.0 * e.ingest_per_second / r.jetstream_publish

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
@@ -91,6 +92,7 @@ impl Service {
             batch_size: self.settings.worker.batch_size,
             pull_expires: self.settings.worker.pull_expires,
             retry: RetryPolicy::from_settings(&self.settings.worker),
+            linger: Duration::ZERO,
         }
     }
 

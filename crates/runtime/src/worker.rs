@@ -135,6 +135,10 @@ pub struct WorkerSpec {
     pub pull_expires: Duration,
     /// Nak delays, and re-binding delays after losing the consumer.
     pub retry: RetryPolicy,
+    /// Zero: a batch is whatever has arrived (up to `batch_size`). Otherwise a batch is
+    /// handed over when it is full or this long after its first message, for handlers whose
+    /// cost is mostly per batch and whose messages can wait a little (audit storage).
+    pub linger: Duration,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -288,7 +292,16 @@ impl Worker {
         let info = consumer.cached_info();
         let max_deliver = u64::try_from(info.config.max_deliver).unwrap_or(u64::MAX);
         let progress_every = (info.config.ack_wait / 3).max(Duration::from_millis(200));
-        let mut chunks = messages.ready_chunks(self.spec.batch_size);
+        let mut chunks: std::pin::Pin<Box<dyn futures::Stream<Item = Vec<_>> + Send>> =
+            if self.spec.linger.is_zero() {
+                Box::pin(messages.ready_chunks(self.spec.batch_size))
+            } else {
+                Box::pin(tokio_stream::StreamExt::chunks_timeout(
+                    messages,
+                    self.spec.batch_size,
+                    self.spec.linger,
+                ))
+            };
         let mut errors_in_a_row = 0u32;
         loop {
             let chunk = tokio::select! {

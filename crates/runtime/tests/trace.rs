@@ -61,6 +61,7 @@ async fn trace_id_set_on_publish_is_seen_by_the_consumer() {
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(1),
             },
+            linger: Duration::ZERO,
         },
         Arc::new(Capture(tx)),
         WorkerMetrics::register(&mut Registry::default()),

@@ -87,6 +87,7 @@ fn spec() -> WorkerSpec {
         batch_size: 16,
         pull_expires: Duration::from_secs(1),
         retry: RETRY,
+        linger: Duration::ZERO,
     }
 }
 
@@ -276,4 +277,73 @@ async fn unanswered_last_delivery_is_swept_to_the_dlq() {
 
     shutdown.cancel();
     sweeper.await.unwrap();
+}
+
+/// Records the size of every batch it is handed.
+#[derive(Default)]
+struct Sizes(Mutex<Vec<usize>>);
+
+impl Handler for Sizes {
+    async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        self.0.lock().unwrap().push(batch.len());
+        vec![Outcome::Ack; batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn a_lingering_worker_hands_over_what_arrives_shortly_after_the_first_message_together() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    Topology::new(test_settings()).declare(&js).await.unwrap();
+    let metrics = WorkerMetrics::register(&mut Registry::default());
+    let shutdown = Shutdown::new();
+    let run = |linger: Duration, handler: Arc<Sizes>| {
+        tokio::spawn(worker::run(
+            js.clone(),
+            WorkerSpec { linger, ..spec() },
+            handler,
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+    };
+    // Ten messages 5 ms apart: without lingering each is a batch of its own.
+    let send_ten = || async {
+        let mut pace = tokio::time::interval(Duration::from_millis(5));
+        for _ in 0..10 {
+            pace.tick().await;
+            publish(&js, "ok").await;
+        }
+    };
+    let eager = Arc::new(Sizes::default());
+    let worker = run(Duration::ZERO, eager.clone());
+    send_ten().await;
+    wait_for(Duration::from_secs(10), "ten handled", || async {
+        (eager.0.lock().unwrap().iter().sum::<usize>() == 10).then_some(())
+    })
+    .await;
+    let eager_batches = eager.0.lock().unwrap().len();
+    assert!(eager_batches > 1, "{eager_batches} batch without lingering");
+    shutdown.cancel();
+    worker.await.unwrap();
+
+    let shutdown = Shutdown::new();
+    let patient = Arc::new(Sizes::default());
+    let worker = tokio::spawn(worker::run(
+        js.clone(),
+        WorkerSpec {
+            linger: Duration::from_millis(500),
+            ..spec()
+        },
+        patient.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    send_ten().await;
+    wait_for(Duration::from_secs(10), "ten handled", || async {
+        (patient.0.lock().unwrap().iter().sum::<usize>() == 10).then_some(())
+    })
+    .await;
+    assert_eq!(*patient.0.lock().unwrap(), vec![10]);
+    shutdown.cancel();
+    worker.await.unwrap();
 }
