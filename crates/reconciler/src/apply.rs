@@ -212,9 +212,10 @@ impl Applier {
                 slot = self.slots.acquire() => slot,
             };
             let Ok(slot) = slot else { return stopped() };
-            let committed = self.committed.notified();
-            let mut committed = std::pin::pin!(committed);
-            committed.as_mut().enable();
+            // Registered before looking, so a commit in between is not missed.
+            let next_commit = self.committed.notified();
+            let mut next_commit = std::pin::pin!(next_commit);
+            next_commit.as_mut().enable();
             if self.running.load(Ordering::SeqCst) > 0
                 && self.waiting_requests() < self.shared.parallel_above
             {
@@ -222,7 +223,7 @@ impl Applier {
                 tokio::select! {
                     biased;
                     outcomes = &mut outcomes => return outcomes.unwrap_or_else(|_| stopped()),
-                    _ = committed => {}
+                    _ = next_commit => {}
                     _ = tokio::time::sleep(WAIT_FOR_RUNNING) => {}
                 }
             }

@@ -13,7 +13,9 @@
 //! `reconciler.transactions` for bulk, the rest for rt), so campaigns and sweeps cannot delay
 //! device traffic beyond their share and are never starved by it. Few slots on purpose: the
 //! batches that wait for a slot are applied together (group commit), and a few large
-//! transactions cost less CPU per request than many small ones.
+//! transactions cost less CPU per request than many small ones. A lane runs a second
+//! transaction beside a running one only when `reconciler.parallel_above` requests wait; a
+//! slot is freed at commit, before the outputs are published.
 
 pub mod apply;
 pub mod membership;
