@@ -385,8 +385,6 @@ async fn bulk_work_does_not_hold_back_real_time_work() {
     requestor.stop().await;
 }
 
-/// Sums the samples of `metric` whose labels contain `label` ("" for every label set) in a
-/// Prometheus text page.
 #[tokio::test]
 async fn a_second_transaction_runs_beside_the_first_only_when_many_requests_wait() {
     let stack = Stack::start().await;
@@ -464,6 +462,8 @@ async fn a_second_transaction_runs_beside_the_first_only_when_many_requests_wait
     running.wait().await.unwrap();
 }
 
+/// Sums the samples of `metric` whose labels contain `label` ("" for every label set) in a
+/// Prometheus text page.
 fn metric_sum(page: &str, metric: &str, label: &str) -> f64 {
     page.lines()
         .filter(|line| line.starts_with(metric))

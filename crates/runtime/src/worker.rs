@@ -136,8 +136,9 @@ pub struct WorkerSpec {
     /// Nak delays, and re-binding delays after losing the consumer.
     pub retry: RetryPolicy,
     /// Zero: a batch is whatever has arrived (up to `batch_size`). Otherwise a batch is
-    /// handed over when it is full or this long after its first message, for handlers whose
-    /// cost is mostly per batch and whose messages can wait a little (audit storage).
+    /// handed over once it holds `batch_size` messages (less than twice that) or this long
+    /// after its first message, for handlers whose cost is mostly per batch and whose
+    /// messages can wait a little (audit storage).
     pub linger: Duration,
 }
 
@@ -292,26 +293,30 @@ impl Worker {
         let info = consumer.cached_info();
         let max_deliver = u64::try_from(info.config.max_deliver).unwrap_or(u64::MAX);
         let progress_every = (info.config.ack_wait / 3).max(Duration::from_millis(200));
-        let mut chunks: std::pin::Pin<Box<dyn futures::Stream<Item = Vec<_>> + Send>> =
-            if self.spec.linger.is_zero() {
-                Box::pin(messages.ready_chunks(self.spec.batch_size))
-            } else {
-                Box::pin(tokio_stream::StreamExt::chunks_timeout(
-                    messages,
-                    self.spec.batch_size,
-                    self.spec.linger,
-                ))
-            };
+        let mut chunks = messages.ready_chunks(self.spec.batch_size);
         let mut errors_in_a_row = 0u32;
         loop {
             let chunk = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 chunk = chunks.next() => chunk,
             };
-            let Some(chunk) = chunk else {
+            let Some(mut chunk) = chunk else {
                 tracing::warn!(consumer = %self.spec.consumer, "message stream ended; re-binding");
                 return;
             };
+            // Lingering: what arrives shortly after joins the batch (it stays in hand, so a
+            // shutdown meanwhile handles it as the current batch).
+            let deadline = tokio::time::Instant::now() + self.spec.linger;
+            while !self.spec.linger.is_zero() && chunk.len() < self.spec.batch_size {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    more = tokio::time::timeout_at(deadline, chunks.next()) => match more {
+                        Ok(Some(more)) => chunk.extend(more),
+                        // The deadline, or the stream ended (re-bound after this batch).
+                        _ => break,
+                    },
+                }
+            }
             let mut batch = Vec::with_capacity(chunk.len());
             for item in chunk {
                 match item {
