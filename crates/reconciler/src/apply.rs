@@ -101,7 +101,7 @@ impl Metrics {
         );
         registry.register(
             "devsync_report_to_db_seconds",
-            "from ingress to commit of a device report",
+            "from ingress to the transaction applying a device report",
             metrics.report_to_db.clone(),
         );
         registry.register(
