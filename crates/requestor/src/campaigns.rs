@@ -85,10 +85,14 @@ const DISPATCHED: &str = "SELECT u.id FROM unnest($2::text[]) AS u(id)
 const WINDOWS_PER_ROUND: usize = 16;
 
 // RFC 7386 in SQL; `||` when the patch is flat (no nested objects, no nulls), where the two
-// agree and `||` is much cheaper.
-const DISPATCH_PATCH: &str = "UPDATE devices SET desired = devsync_merge_patch(desired, $2::jsonb)
+// agree and `||` is much cheaper. The statement writes the next version and its time itself,
+// so the version trigger does not run per device (a device the patch leaves unchanged keeps
+// its version: the schema's triggers see to it).
+const DISPATCH_PATCH: &str = "UPDATE devices SET desired = devsync_merge_patch(desired, $2::jsonb),
+        desired_version = desired_version + 1, desired_changed_at = now(), updated_at = now()
     WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
-const DISPATCH_PATCH_FLAT: &str = "UPDATE devices SET desired = desired || $2::jsonb
+const DISPATCH_PATCH_FLAT: &str = "UPDATE devices SET desired = desired || $2::jsonb,
+        desired_version = desired_version + 1, desired_changed_at = now(), updated_at = now()
     WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
 
 // One row per dispatched device, written once, with the version it got and its status.

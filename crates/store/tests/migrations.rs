@@ -200,6 +200,74 @@ async fn deleting_a_device_or_campaign_removes_its_rows_and_versions_cannot_be_f
         1
     );
 
+    // A statement may write the next version and its time with a change (as the campaign
+    // driver does); a patch that changes nothing keeps version and time; a version that
+    // skips ahead, or the next one without a new time, is corrected to the next one.
+    let version_and_time = || {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT desired_version, desired_changed_at, \
+                     (SELECT count(*) FROM desired_history WHERE device_id = 'd1') \
+                     FROM devices WHERE id = 'd1'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (
+                row.get::<_, i64>(0),
+                row.get::<_, chrono::DateTime<chrono::Utc>>(1),
+                row.get::<_, i64>(2),
+            )
+        }
+    };
+    let (_, first_time, first_history) = version_and_time().await;
+    client
+        .batch_execute(
+            "UPDATE devices SET desired = desired || '{\"fw\": \"2\"}',
+                 desired_version = desired_version + 1, desired_changed_at = now()
+             WHERE id = 'd1'",
+        )
+        .await
+        .unwrap();
+    let (version, second_time, history) = version_and_time().await;
+    assert_eq!(version, 2);
+    assert!(second_time > first_time);
+    assert_eq!(history, first_history + 1, "the change is in the history");
+    client
+        .batch_execute(
+            "UPDATE devices SET desired = desired || '{\"fw\": \"2\"}',
+                 desired_version = desired_version + 1, desired_changed_at = now()
+             WHERE id = 'd1'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        version_and_time().await,
+        (2, second_time, history),
+        "a patch that changes nothing changes neither version nor time"
+    );
+    client
+        .batch_execute(
+            "UPDATE devices SET desired = desired || '{\"fw\": \"3\"}', desired_version = 40,
+                 desired_changed_at = now() WHERE id = 'd1'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(version_and_time().await.0, 3, "a version cannot skip ahead");
+    let (_, third_time, _) = version_and_time().await;
+    client
+        .batch_execute(
+            "UPDATE devices SET desired = desired || '{\"fw\": \"4\"}',
+                 desired_version = desired_version + 1 WHERE id = 'd1'",
+        )
+        .await
+        .unwrap();
+    let (version, fourth_time, _) = version_and_time().await;
+    assert_eq!(version, 4);
+    assert!(fourth_time > third_time, "a new version gets a new time");
+
     // A device with history cannot be renamed (it would orphan its rows).
     let error = client
         .execute("UPDATE devices SET id = 'd9' WHERE id = 'd2'", &[])
