@@ -61,6 +61,9 @@ impl Metrics {
     }
 
     fn count(&self, result: &str, source: &str, by: u64) {
+        if by == 0 {
+            return;
+        }
         self.deliveries
             .get_or_create(&vec![
                 ("result".into(), result.into()),
@@ -366,18 +369,25 @@ impl Pusher {
         let mut audits = Vec::with_capacity(results.len());
         let mut skipped = Vec::new();
         let mut failure = None;
+        // Counted once per batch (a labelled counter costs allocations per increment).
+        let (mut sent, mut stale) = (0, 0);
         for (device, result) in results {
             match result {
                 Ok((delivered, record)) => {
-                    if let Delivered::Skipped = delivered {
-                        skipped.push(device);
+                    match delivered {
+                        Delivered::Sent => sent += 1,
+                        Delivered::Skipped => skipped.push(device),
+                        Delivered::Stale => stale += 1,
                     }
-                    self.count(&delivered, "campaign");
                     audits.push(record);
                 }
                 Err(error) => failure = Some(error),
             }
         }
+        self.metrics.count("delivered", "campaign", sent);
+        self.metrics
+            .count("skipped", "campaign", skipped.len() as u64);
+        self.metrics.count("stale", "campaign", stale);
         if !skipped.is_empty() {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
             client

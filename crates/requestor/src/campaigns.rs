@@ -69,8 +69,8 @@ const WINDOW_IDS: &str = "SELECT id, width_bucket(abs(hashtext(id)::int8) % 1000
         AND ($5 OR coalesce(last_seen > now() - make_interval(secs => $6), false))
     FROM devices WHERE enabled AND id > $1 AND id = ANY($2::text[]) ORDER BY id LIMIT $7";
 
-// Which of a window's devices this campaign already dispatched: one primary-key probe per
-// device, in a LATERAL subquery with LIMIT that no plan can turn into anything else. As a NOT
+// Which of a window's devices this campaign already dispatched (skipped where the driver knows
+// the answer is none, see `Driver::own_cursor`): one primary-key probe per device, in a LATERAL subquery with LIMIT that no plan can turn into anything else. As a NOT
 // EXISTS in the window query, with `device_id = ANY($2)`, or as a join with the array, the
 // planner — its statistics behind a table that grows by thousands of rows a second — read
 // every row of the campaign for each window (a hash or a bitmap over the campaign):
@@ -197,6 +197,13 @@ pub struct Driver {
     last_check: Option<Instant>,
     /// Outbox rows whose batch was published, deleted by the next transaction.
     published: std::sync::Mutex<Vec<i64>>,
+    /// The (wave, cursor) this driver's own last round of a first pass stored. Devices of a
+    /// pass are dispatched in id order and the cursor moves past them, so after that cursor no
+    /// device of the wave was dispatched yet and the next round skips the check (a third of a
+    /// round's reads). A new driver, the second pass and any failed round check; should
+    /// another driver have raced ahead anyway, recording a device twice fails on the primary
+    /// key, the round fails and the next one checks.
+    own_cursor: Option<(i32, Option<String>)>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -223,6 +230,7 @@ impl Driver {
             limiter: None,
             last_check: None,
             published: std::sync::Mutex::default(),
+            own_cursor: None,
         }
     }
 
@@ -420,8 +428,11 @@ impl Driver {
     /// the devices ends the pass (the active devices, then the rest, then the wave is
     /// dispatched). A crash before the cursor moves repeats the page without the devices
     /// already dispatched.
-    async fn dispatch_round(&self, campaign: &Campaign, allowance: i64) -> anyhow::Result<()> {
-        let (page, cursor, exhausted) = self.page(campaign, allowance).await?;
+    async fn dispatch_round(&mut self, campaign: &Campaign, allowance: i64) -> anyhow::Result<()> {
+        let check = campaign.pass > 0
+            || self.own_cursor.as_ref() != Some(&(campaign.wave, campaign.cursor.clone()));
+        self.own_cursor = None;
+        let (page, cursor, exhausted) = self.page(campaign, allowance, check).await?;
         if !page.is_empty() {
             let parts = if campaign.rate.is_none() {
                 self.settings.campaign_parallelism.max(1)
@@ -445,7 +456,8 @@ impl Driver {
             (true, 0) => (None, 1, false),
             (true, pass) => (cursor, pass, true),
         };
-        self.pool
+        let moved = self
+            .pool
             .get()
             .await?
             .execute(
@@ -463,15 +475,20 @@ impl Driver {
                 ],
             )
             .await?;
+        if moved == 1 && pass == 0 && !wave_done {
+            self.own_cursor = Some((campaign.wave, cursor));
+        }
         Ok(())
     }
 
-    /// Up to `allowance` devices the current pass takes next, the cursor after them, and
-    /// whether the pass reached the end of the devices.
+    /// Up to `allowance` devices the current pass takes next (without those already dispatched
+    /// when `check`), the cursor after them, and whether the pass reached the end of the
+    /// devices.
     async fn page(
         &self,
         campaign: &Campaign,
         allowance: i64,
+        check: bool,
     ) -> anyhow::Result<(Vec<String>, Option<String>, bool)> {
         let window = allowance.max(1000);
         let active_window = self.settings.active_window.as_secs_f64();
@@ -508,7 +525,7 @@ impl Driver {
                 .filter(|(_, taken)| *taken)
                 .map(|(id, _)| id.as_str())
                 .collect();
-            let done: HashSet<String> = if candidates.is_empty() {
+            let done: HashSet<String> = if candidates.is_empty() || !check {
                 HashSet::new()
             } else {
                 client
