@@ -89,6 +89,10 @@ enum Delivered {
     Stale,
 }
 
+/// Campaign batches of one fetched batch handled at once (each delivers to its devices with
+/// `fanout.concurrency` in flight).
+const CAMPAIGN_BATCHES_AT_ONCE: usize = 4;
+
 /// One delivery's result with its audit event, or why it must be retried.
 type Attempt = Result<(Delivered, AuditRecord), String>;
 
@@ -114,10 +118,11 @@ impl Handler for Pusher {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut tasks = Vec::new();
+        let mut waves = Vec::new();
         for (index, delivery) in batch.iter().enumerate() {
             let subject = delivery.subject();
             if subject.starts_with(subjects::FANOUT_WAVE_PREFIX) {
-                outcomes[index] = self.campaign_batch(delivery).await;
+                waves.push(index);
             } else if subject.starts_with(subjects::FANOUT_PUSH_PREFIX) {
                 match self.task(delivery) {
                     Ok(task) => tasks.push((index, task, delivery.span.clone())),
@@ -126,6 +131,15 @@ impl Handler for Pusher {
             } else {
                 outcomes[index] = Outcome::Reject(format!("unexpected subject {subject}"));
             }
+        }
+        // Campaign batches side by side: one reads PostgreSQL while another waits for NATS.
+        let delivered: Vec<(usize, Outcome)> = futures::stream::iter(waves)
+            .map(|index| async move { (index, self.campaign_batch(&batch[index]).await) })
+            .buffer_unordered(CAMPAIGN_BATCHES_AT_ONCE)
+            .collect()
+            .await;
+        for (index, outcome) in delivered {
+            outcomes[index] = outcome;
         }
         if !tasks.is_empty() {
             // Active devices first.
