@@ -69,9 +69,10 @@ const WINDOW_IDS: &str = "SELECT id, width_bucket(abs(hashtext(id)::int8) % 1000
         AND ($5 OR coalesce(last_seen > now() - make_interval(secs => $6), false))
     FROM devices WHERE enabled AND id > $1 AND id = ANY($2::text[]) ORDER BY id LIMIT $7";
 
-// Which of a window's devices this campaign already dispatched (skipped where the driver knows
-// the answer is none, see `Driver::own_cursor`): one primary-key probe per device, in a LATERAL subquery with LIMIT that no plan can turn into anything else. As a NOT
-// EXISTS in the window query, with `device_id = ANY($2)`, or as a join with the array, the
+// Which of a window's devices this campaign already dispatched (not asked where the driver
+// knows the answer is none, see `Driver::own_cursor`): one primary-key probe per device, in a
+// LATERAL subquery with LIMIT that no plan can turn into anything else. As a NOT EXISTS in
+// the window query, with `device_id = ANY($2)`, or as a join with the array, the
 // planner — its statistics behind a table that grows by thousands of rows a second — read
 // every row of the campaign for each window (a hash or a bitmap over the campaign):
 // quadratic over a campaign. Should two drivers race (a lease handover), the second insert

@@ -222,27 +222,16 @@ async fn deleting_a_device_or_campaign_removes_its_rows_and_versions_cannot_be_f
             )
         }
     };
+    // What the campaign driver's statement does.
+    const PATCH_FW_2: &str = "UPDATE devices SET desired = desired || '{\"fw\": \"2\"}',
+        desired_version = desired_version + 1, desired_changed_at = now() WHERE id = 'd1'";
     let (_, first_time, first_history) = version_and_time().await;
-    client
-        .batch_execute(
-            "UPDATE devices SET desired = desired || '{\"fw\": \"2\"}',
-                 desired_version = desired_version + 1, desired_changed_at = now()
-             WHERE id = 'd1'",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(PATCH_FW_2).await.unwrap();
     let (version, second_time, history) = version_and_time().await;
     assert_eq!(version, 2);
     assert!(second_time > first_time);
     assert_eq!(history, first_history + 1, "the change is in the history");
-    client
-        .batch_execute(
-            "UPDATE devices SET desired = desired || '{\"fw\": \"2\"}',
-                 desired_version = desired_version + 1, desired_changed_at = now()
-             WHERE id = 'd1'",
-        )
-        .await
-        .unwrap();
+    client.batch_execute(PATCH_FW_2).await.unwrap();
     assert_eq!(
         version_and_time().await,
         (2, second_time, history),
