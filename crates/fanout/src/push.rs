@@ -199,7 +199,12 @@ impl Pusher {
                 // In the delivery's span: its trace continues the publisher's.
                 async move {
                     let policy = self.policies.resolve(own, &target.push.campaign_id).await;
-                    (index, self.deliver(&target, policy, true, now).await)
+                    let mut trace = async_nats::HeaderMap::new();
+                    telemetry::inject(&mut trace);
+                    (
+                        index,
+                        self.deliver(&target, policy, true, now, &trace).await,
+                    )
                 }
                 .instrument(span)
             })
@@ -234,12 +239,14 @@ impl Pusher {
     }
 
     /// Delivers to one target under `policy`; `check_newer` guards against rolling back.
+    /// `trace` (the trace context of the push or batch) goes with the notification.
     async fn deliver(
         &self,
         target: &Target,
         policy: PushPolicy,
         check_newer: bool,
         now: DateTime<Utc>,
+        trace: &async_nats::HeaderMap,
     ) -> Attempt {
         let device = &target.device;
         let version = target.push.desired_version;
@@ -289,10 +296,8 @@ impl Pusher {
             .put(device.as_str(), bytes.clone())
             .await
             .map_err(|e| format!("kv put: {e}"))?;
-        let mut headers = async_nats::HeaderMap::new();
-        telemetry::inject(&mut headers);
         self.client
-            .publish_with_headers(subjects::device_desired(device), headers, bytes)
+            .publish_with_headers(subjects::device_desired(device), trace.clone(), bytes)
             .await
             .map_err(|e| format!("notify: {e}"))?;
         let mut channels = vec!["kv", "notify"];
@@ -372,9 +377,13 @@ impl Pusher {
         let mut targets = self.load(batch).await?;
         targets.sort_by_key(|target| !target.active);
         let now = Utc::now();
+        // One trace context for the batch's notifications (they share its span).
+        let mut trace = async_nats::HeaderMap::new();
+        telemetry::inject(&mut trace);
+        let trace = &trace;
         let results: Vec<(String, Attempt)> = futures::stream::iter(targets)
             .map(|target| async move {
-                let result = self.deliver(&target, policy, false, now).await;
+                let result = self.deliver(&target, policy, false, now, trace).await;
                 (target.device.to_string(), result)
             })
             .buffer_unordered(self.settings.concurrency)
@@ -434,7 +443,7 @@ impl Pusher {
         let client = self.pool.get().await.map_err(|e| e.to_string())?;
         let rows = client
             .query(
-                "SELECT id, desired, desired_version, desired_changed_at, http_endpoint,
+                "SELECT id, desired::text, desired_version, desired_changed_at, http_endpoint,
                         coalesce(last_seen > now() - make_interval(secs => $2), false)
                  FROM devices WHERE id = ANY($1) AND enabled",
                 &[
@@ -453,14 +462,11 @@ impl Pusher {
             let Ok(device) = DeviceId::parse(row.get::<_, String>(0)) else {
                 continue;
             };
-            let desired: Value = row.get(1);
+            // As text: the document's JSON as stored, not parsed and written again.
+            let desired: String = row.get(1);
             let version = row.get::<_, i64>(2).max(0) as u64;
             let changed_at: Option<DateTime<Utc>> = row.get(3);
-            let document = self
-                .document(Bytes::from(
-                    serde_json::to_vec(&desired).unwrap_or_default(),
-                ))
-                .await?;
+            let document = self.document(Bytes::from(desired.into_bytes())).await?;
             targets.push(Target {
                 request_id: campaign_request_id(&batch.campaign_id, &device, version),
                 push: DesiredPush {
