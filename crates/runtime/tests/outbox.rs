@@ -53,3 +53,56 @@ async fn a_sweep_keeps_what_it_published_when_a_later_row_fails() {
     assert_eq!(left, vec!["nostream.b".to_owned()]);
     assert_eq!(outputs.info().await.unwrap().state.messages, 1);
 }
+
+#[tokio::test]
+async fn the_sweeper_drains_a_backlog_of_rows_without_waiting_a_tick_per_claim() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let mut outputs = js
+        .create_stream(stream::Config {
+            name: "OUTBOX_BACKLOG".into(),
+            subjects: vec!["outboxbacklog.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let db = TestDb::create().await;
+    let mut client = db.pool.get().await.unwrap();
+    // What a few seconds of failed publishes leave behind: many more rows than one claim.
+    let rows = 3 * outbox::SWEEP_ROWS + 7;
+    let tx = client.transaction().await.unwrap();
+    for n in 0..rows {
+        let subject = format!("outboxbacklog.{n}");
+        outbox::insert(&tx, "test", &subject, &[message(&subject)])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // The first tick comes at once, the second only after an hour.
+    let shutdown = devsync_runtime::Shutdown::new();
+    let sweeper = tokio::spawn(outbox::run(
+        js.clone(),
+        db.pool.clone(),
+        "test",
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        shutdown.clone(),
+    ));
+    devsync_testkit::wait_for(Duration::from_secs(20), "the outbox drained", || async {
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM outbox WHERE owner = 'test'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    sweeper.await.unwrap();
+    assert_eq!(
+        outputs.info().await.unwrap().state.messages,
+        rows as u64,
+        "every row published once"
+    );
+}
