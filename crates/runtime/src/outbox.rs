@@ -79,7 +79,7 @@ pub async fn run(
     let mut more = false;
     loop {
         if more {
-            // Only a stop waits its turn.
+            // Straight on to the next claim, unless stopping.
             if shutdown.is_cancelled() {
                 break;
             }
