@@ -89,6 +89,17 @@ enum Delivered {
     Stale,
 }
 
+impl Delivered {
+    /// The `result` label of the delivery counter.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Sent => "delivered",
+            Self::Skipped => "skipped",
+            Self::Stale => "stale",
+        }
+    }
+}
+
 /// Campaign batches of one fetched batch handled at once (each delivers to its devices with
 /// `fanout.concurrency` in flight).
 const CAMPAIGN_BATCHES_AT_ONCE: usize = 4;
@@ -216,7 +227,7 @@ impl Pusher {
         for (index, result) in results {
             match result {
                 Ok((delivered, record)) => {
-                    self.count(&delivered, "push");
+                    self.metrics.count(delivered.label(), "push", 1);
                     audits.push(record);
                     outcomes.push((index, Outcome::Ack));
                 }
@@ -227,15 +238,6 @@ impl Pusher {
             tracing::warn!(%error, "cannot publish delivery audit events");
         }
         outcomes
-    }
-
-    fn count(&self, delivered: &Delivered, source: &str) {
-        let result = match delivered {
-            Delivered::Sent => "delivered",
-            Delivered::Skipped => "skipped",
-            Delivered::Stale => "stale",
-        };
-        self.metrics.count(result, source, 1);
     }
 
     /// Delivers to one target under `policy`; `check_newer` guards against rolling back.
@@ -407,10 +409,13 @@ impl Pusher {
                 Err(error) => failure = Some(error),
             }
         }
-        self.metrics.count("delivered", "campaign", sent);
-        self.metrics
-            .count("skipped", "campaign", skipped.len() as u64);
-        self.metrics.count("stale", "campaign", stale);
+        for (delivered, by) in [
+            (Delivered::Sent, sent),
+            (Delivered::Skipped, skipped.len() as u64),
+            (Delivered::Stale, stale),
+        ] {
+            self.metrics.count(delivered.label(), "campaign", by);
+        }
         if !skipped.is_empty() {
             let client = self.pool.get().await.map_err(|e| e.to_string())?;
             client

@@ -89,12 +89,20 @@ const WINDOWS_PER_ROUND: usize = 16;
 // agree and `||` is much cheaper. The statement writes the next version and its time itself,
 // so the version trigger does not run per device (a device the patch leaves unchanged keeps
 // its version: the schema's triggers see to it).
-const DISPATCH_PATCH: &str = "UPDATE devices SET desired = devsync_merge_patch(desired, $2::jsonb),
-        desired_version = desired_version + 1, desired_changed_at = now(), updated_at = now()
-    WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
-const DISPATCH_PATCH_FLAT: &str = "UPDATE devices SET desired = desired || $2::jsonb,
-        desired_version = desired_version + 1, desired_changed_at = now(), updated_at = now()
-    WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version";
+macro_rules! dispatch_patch {
+    ($desired:literal) => {
+        concat!(
+            "UPDATE devices SET desired = ",
+            $desired,
+            ",
+                desired_version = desired_version + 1, desired_changed_at = now(),
+                updated_at = now()
+            WHERE id = ANY($1) AND enabled RETURNING id, desired_version, applied_desired_version"
+        )
+    };
+}
+const DISPATCH_PATCH: &str = dispatch_patch!("devsync_merge_patch(desired, $2::jsonb)");
+const DISPATCH_PATCH_FLAT: &str = dispatch_patch!("desired || $2::jsonb");
 
 // One row per dispatched device, written once, with the version it got and its status.
 const DISPATCH_RECORD: &str = "INSERT INTO campaign_devices

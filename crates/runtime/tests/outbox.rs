@@ -17,18 +17,22 @@ fn message(subject: &str) -> Outgoing {
     }
 }
 
+/// A stream capturing `prefix.>`, where the swept rows' messages land.
+async fn outputs(js: &async_nats::jetstream::Context, name: &str, prefix: &str) -> stream::Stream {
+    js.create_stream(stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{prefix}.>")],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_sweep_keeps_what_it_published_when_a_later_row_fails() {
     let nats = TestNats::start();
     let js = nats.jetstream().await;
-    let mut outputs = js
-        .create_stream(stream::Config {
-            name: "OUTBOX_TEST".into(),
-            subjects: vec!["outboxtest.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut outputs = outputs(&js, "OUTBOX_TEST", "outboxtest").await;
     let db = TestDb::create().await;
     let mut client = db.pool.get().await.unwrap();
     // Oldest first: a row that publishes, then one whose subject no stream captures.
@@ -58,14 +62,7 @@ async fn a_sweep_keeps_what_it_published_when_a_later_row_fails() {
 async fn the_sweeper_drains_a_backlog_of_rows_without_waiting_a_tick_per_claim() {
     let nats = TestNats::start();
     let js = nats.jetstream().await;
-    let mut outputs = js
-        .create_stream(stream::Config {
-            name: "OUTBOX_BACKLOG".into(),
-            subjects: vec!["outboxbacklog.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut outputs = outputs(&js, "OUTBOX_BACKLOG", "outboxbacklog").await;
     let db = TestDb::create().await;
     let mut client = db.pool.get().await.unwrap();
     // What a few seconds of failed publishes leave behind: many more rows than one claim.

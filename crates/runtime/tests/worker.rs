@@ -296,8 +296,7 @@ async fn a_lingering_worker_hands_over_what_arrives_shortly_after_the_first_mess
     let js = nats.jetstream().await;
     Topology::new(test_settings()).declare(&js).await.unwrap();
     let metrics = WorkerMetrics::register(&mut Registry::default());
-    let shutdown = Shutdown::new();
-    let run = |linger: Duration, handler: Arc<Sizes>| {
+    let run = |linger: Duration, handler: Arc<Sizes>, shutdown: &Shutdown| {
         tokio::spawn(worker::run(
             js.clone(),
             WorkerSpec { linger, ..spec() },
@@ -314,8 +313,9 @@ async fn a_lingering_worker_hands_over_what_arrives_shortly_after_the_first_mess
             publish(&js, "ok").await;
         }
     };
+    let shutdown = Shutdown::new();
     let eager = Arc::new(Sizes::default());
-    let worker = run(Duration::ZERO, eager.clone());
+    let worker = run(Duration::ZERO, eager.clone(), &shutdown);
     send_ten().await;
     wait_for(Duration::from_secs(10), "ten handled", || async {
         (eager.0.lock().unwrap().iter().sum::<usize>() == 10).then_some(())
@@ -328,16 +328,7 @@ async fn a_lingering_worker_hands_over_what_arrives_shortly_after_the_first_mess
 
     let shutdown = Shutdown::new();
     let patient = Arc::new(Sizes::default());
-    let worker = tokio::spawn(worker::run(
-        js.clone(),
-        WorkerSpec {
-            linger: Duration::from_millis(500),
-            ..spec()
-        },
-        patient.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let worker = run(Duration::from_millis(500), patient.clone(), &shutdown);
     send_ten().await;
     wait_for(Duration::from_secs(10), "ten handled", || async {
         (patient.0.lock().unwrap().iter().sum::<usize>() == 10).then_some(())
