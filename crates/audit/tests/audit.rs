@@ -168,22 +168,43 @@ async fn the_pipelines_events_are_stored_once_and_found_by_device_worker_and_req
     );
     assert!(events.iter().any(|e| e["worker_id"] == "reconciler/rec-1"));
 
-    // By request id: the chain of one report, accepted by the requestor, applied by the
-    // reconciler.
+    // By request id: one report's outcome, naming the worker that accepted it (the requestor)
+    // beside the one that applied it (the reconciler) and its place in the request stream.
     let events = wait_for(Duration::from_secs(20), "the report's chain", || async {
+        let (_, page) = get(audit.http_addr, "/v1/audit?request=report:a2:2").await;
+        let events = page["events"].as_array().unwrap().clone();
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let applied = &events[0];
+    assert_eq!(applied["device_id"], "a2");
+    assert_eq!(applied["action"], "report.applied", "{applied:?}");
+    assert_eq!(applied["worker_id"], "reconciler/rec-1");
+    assert_eq!(applied["details"]["accepted_by"], "requestor/req-1");
+    assert!(
+        applied["details"]["stream_sequence"].as_u64().unwrap() > 0,
+        "{applied:?}"
+    );
+
+    // A device's retry of a stored report is recorded by the ingress that answered it.
+    let retrying =
+        devsync_device::Device::with_client(nats.client().await, DeviceId::parse("a2").unwrap(), 1);
+    let answer = retrying.report(&json!({"n": 2}), true).await.unwrap();
+    assert!(answer.duplicate, "sequence 2 of a2 is stored already");
+    let events = wait_for(Duration::from_secs(20), "the retry's event", || async {
         let (_, page) = get(audit.http_addr, "/v1/audit?request=report:a2:2").await;
         let events = page["events"].as_array().unwrap().clone();
         (events.len() >= 2).then_some(events)
     })
     .await;
-    assert_eq!(events.len(), 2, "{events:?}");
-    assert!(events.iter().all(|e| e["device_id"] == "a2"));
-    let actions: Vec<&str> = events
+    let retry = events
         .iter()
-        .map(|e| e["action"].as_str().unwrap())
-        .collect();
-    assert!(actions.contains(&"report.accepted"), "{actions:?}");
-    assert!(actions.contains(&"report.applied"), "{actions:?}");
+        .find(|e| e["action"] == "report.duplicate")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(retry["worker_id"], "requestor/req-1");
+    assert_eq!(retry["stage"], "ingress");
+    assert_eq!(retry["outcome"], "skipped", "{retry:?}");
 
     // By worker.
     let (_, page) = get(

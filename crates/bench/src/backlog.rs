@@ -60,6 +60,7 @@ fn report(device: &DeviceId, sequence: u64) -> Outgoing {
             sent_at: None,
         })),
         reply_to: String::new(),
+        accepted_by: String::new(),
     };
     Outgoing {
         subject: subjects::request(Lane::Rt, device),

@@ -352,7 +352,27 @@ struct Request {
     causation: Option<RequestId>,
     device: DeviceId,
     received_at: Option<DateTime<Utc>>,
+    /// The ingress worker that accepted the device's message (`SyncRequest.accepted_by`).
+    accepted_by: Option<String>,
     work: Work,
+}
+
+impl Request {
+    /// `details` of an audit event about this request's outcome, with where it came from:
+    /// the worker that accepted it and its place in `DEVSYNC_REQ`. Ingress records no event
+    /// of its own for a request it stored, so this one event names both workers.
+    fn details(&self, delivery: &Delivery, mut details: Value) -> Value {
+        if let Value::Object(map) = &mut details {
+            if let Some(accepted_by) = &self.accepted_by {
+                map.insert("accepted_by".into(), Value::String(accepted_by.clone()));
+            }
+            map.insert(
+                "stream_sequence".into(),
+                Value::from(delivery.stream_sequence()),
+            );
+        }
+        details
+    }
 }
 
 /// A device row, as locked for the batch.
@@ -561,6 +581,7 @@ impl Shared {
             request_id,
             device,
             received_at,
+            accepted_by: (!request.accepted_by.is_empty()).then_some(request.accepted_by),
             work,
         })
     }
@@ -625,7 +646,10 @@ impl Shared {
                     "reconcile",
                     "request.rejected",
                     AuditOutcome::Rejected,
-                    json!({"reason": "device is not registered"}),
+                    request.details(
+                        &batch[request.index],
+                        json!({"reason": "device is not registered"}),
+                    ),
                 ));
                 outcomes[request.index] =
                     Outcome::Reject(format!("device {} is not registered", request.device));
@@ -649,7 +673,10 @@ impl Shared {
                             "reconcile",
                             "report.skipped",
                             AuditOutcome::Skipped,
-                            json!({"reason": "device is disabled"}),
+                            request.details(
+                                &batch[request.index],
+                                json!({"reason": "device is disabled"}),
+                            ),
                         ));
                         continue;
                     }
@@ -677,11 +704,14 @@ impl Shared {
                             "reconcile",
                             "report.duplicate",
                             AuditOutcome::Skipped,
-                            json!({
-                                "sequence": sequence,
-                                "last_sequence": row.last_seq,
-                                "delivery": batch[request.index].delivered(),
-                            }),
+                            request.details(
+                                &batch[request.index],
+                                json!({
+                                    "sequence": sequence,
+                                    "last_sequence": row.last_seq,
+                                    "delivery": batch[request.index].delivered(),
+                                }),
+                            ),
                         ));
                         continue;
                     }
@@ -702,13 +732,16 @@ impl Shared {
                         "reconcile",
                         "report.applied",
                         AuditOutcome::Ok,
-                        json!({
-                            "sequence": sequence,
-                            "reported_version": row.reported_version,
-                            "full": full,
-                            "late": late,
-                            "delivery": batch[request.index].delivered(),
-                        }),
+                        request.details(
+                            &batch[request.index],
+                            json!({
+                                "sequence": sequence,
+                                "reported_version": row.reported_version,
+                                "full": full,
+                                "late": late,
+                                "delivery": batch[request.index].delivered(),
+                            }),
+                        ),
                     ));
                     let delta = state::delta(&row.desired, &row.reported);
                     if delta.is_some() && row.applied < row.desired_version {
@@ -750,11 +783,14 @@ impl Shared {
                         } else {
                             AuditOutcome::Failed
                         },
-                        json!({
-                            "desired_version": version,
-                            "error": error,
-                            "request": request.request_id.as_str(),
-                        }),
+                        request.details(
+                            &batch[request.index],
+                            json!({
+                                "desired_version": version,
+                                "error": error,
+                                "request": request.request_id.as_str(),
+                            }),
+                        ),
                     );
                     record.event_id = format!("{}/{}", record.event_id, request.request_id);
                     out.audit(record);
@@ -954,6 +990,7 @@ fn stage_message(device: &DeviceId, stage: &str, input: Value) -> Outgoing {
             input_json: serde_json::to_vec(&input).unwrap_or_default().into(),
         })),
         reply_to: String::new(),
+        accepted_by: String::new(),
     };
     let mut headers = HeaderMap::new();
     telemetry::inject(&mut headers);

@@ -7,6 +7,9 @@
 //! [`refresh`]). Every refusal gets an `ErrorReply` when the device used request/reply, an
 //! audit event (rate-limit refusals at most one per device per second, so a flood cannot flood
 //! the audit trail too), and, for undecodable input, a dead letter with the original bytes.
+//! An accepted report or ack is stored as a sync request naming this worker
+//! (`accepted_by`); the reconciler's event of its outcome carries that name, so ingress
+//! audits a stored request only when JetStream recognised it as a device retry.
 //! Nothing else is blocked: each message is handled in its own task, bounded by
 //! `max_in_flight` (refreshes: their own budget, on their own runtime).
 
@@ -495,8 +498,9 @@ impl Ingress {
         &self,
         device: &DeviceId,
         request_id: RequestId,
-        request: SyncRequest,
+        mut request: SyncRequest,
     ) -> Result<Answer, Refusal> {
+        request.accepted_by = self.auditor.worker().to_string();
         let mut headers = HeaderMap::new();
         telemetry::inject(&mut headers);
         let outgoing = Outgoing {
@@ -505,34 +509,38 @@ impl Ingress {
             payload: request.encode_to_vec().into(),
             headers: Some(headers),
         };
-        let action = match &request.kind {
-            Some(sync_request::Kind::Report(_)) => "report.accepted",
-            Some(sync_request::Kind::Ack(_)) => "ack.accepted",
-            _ => "request.accepted",
-        };
         let ack = publish::send(&self.js, outgoing)
             .await
             .map_err(|e| unavailable(e.to_string()))?
             .await
             .map_err(|e| unavailable(format!("request not stored: {e}")))?;
-        // The first link of the request's chain: the device message, durable. An
-        // acknowledgement that names the push it answers joins that push's chain.
-        let chain = RequestId::parse(request.causation_id.clone()).unwrap_or(request_id.clone());
-        let mut record = self.auditor.record(
-            Utc::now(),
-            Some(device),
-            Some(&chain),
-            "ingress",
-            action,
-            AuditOutcome::Ok,
-            json!({
-                "duplicate": ack.duplicate,
-                "stream_sequence": ack.sequence,
-                "request": request_id.as_str(),
-            }),
-        );
-        record.event_id = format!("{}/{request_id}", record.event_id);
-        self.audit(record);
+        // A stored request's outcome event (the reconciler's) names this worker as the one
+        // that accepted it (`accepted_by`); only a device retry of a request already stored
+        // ends here, so ingress records that itself. An acknowledgement that names the push
+        // it answers joins that push's chain.
+        if ack.duplicate {
+            let action = match &request.kind {
+                Some(sync_request::Kind::Ack(_)) => "ack.duplicate",
+                _ => "report.duplicate",
+            };
+            let chain =
+                RequestId::parse(request.causation_id.clone()).unwrap_or(request_id.clone());
+            let mut record = self.auditor.record(
+                Utc::now(),
+                Some(device),
+                Some(&chain),
+                "ingress",
+                action,
+                AuditOutcome::Skipped,
+                json!({
+                    "reason": "a device retry of a request already stored",
+                    "stream_sequence": ack.sequence,
+                    "request": request_id.as_str(),
+                }),
+            );
+            record.event_id = format!("{}/{request_id}", record.event_id);
+            self.audit(record);
+        }
         Ok(Answer::Accepted(Accepted {
             request_id: request_id.to_string(),
             duplicate: ack.duplicate,
@@ -764,6 +772,7 @@ fn sync_request(
         causation_id: String::new(),
         kind: Some(kind),
         reply_to: String::new(),
+        accepted_by: String::new(),
     }
 }
 

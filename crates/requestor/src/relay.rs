@@ -190,6 +190,7 @@ fn change_message(
             campaign_id: String::new(),
         })),
         reply_to: String::new(),
+        accepted_by: String::new(),
     };
     let mut headers = HeaderMap::new();
     telemetry::inject(&mut headers);

@@ -396,6 +396,7 @@ fn repush(device: &DeviceId, run: i64, now: chrono::DateTime<Utc>) -> Outgoing {
             run_id: run.to_string(),
         })),
         reply_to: String::new(),
+        accepted_by: String::new(),
     };
     let mut headers = HeaderMap::new();
     telemetry::inject(&mut headers);
