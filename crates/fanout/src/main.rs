@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc: under load glibc's malloc spent a large share of the services' CPU merging
+/// freed chunks; with jemalloc the requestor and reconciler use ~15-20% less CPU and no more
+/// memory (README, Performance).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// devsync fan-out: consumes DEVSYNC_FANOUT and delivers new desired state to devices — the
 /// devsync-desired KV bucket plus a notification on devsync.out.<device>.desired, and webhooks
 /// to registered HTTP endpoints (timeouts, jittered retries, a circuit breaker per endpoint) —

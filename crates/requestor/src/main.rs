@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc: under load glibc's malloc spent a large share of the services' CPU merging
+/// freed chunks; with jemalloc the requestor and reconciler use ~15-20% less CPU and no more
+/// memory (README, Performance).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// devsync requestor: receives what devices publish on devsync.in.<device>.<kind>, validates
 /// it and turns it into durable sync requests; answers refreshes; records check-ins; relays
 /// desired-state changes made in the database; moves exhausted messages to the DLQ.
