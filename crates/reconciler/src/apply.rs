@@ -50,6 +50,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio_postgres::types::Json;
 
 /// The reconciler's rows in the shared outbox table.
 pub const OUTBOX_OWNER: &str = "reconciler";
@@ -622,7 +623,11 @@ impl Shared {
                     applied: row.get(8),
                     http_endpoint: row.get(9),
                     last_seen: row.get(10),
-                    stamps: serde_json::from_value(row.get(11)).unwrap_or_default(),
+                    // Read straight into the map (no intermediate JSON value).
+                    stamps: row
+                        .try_get::<_, Json<state::Stamps>>(11)
+                        .map(|stamps| stamps.0)
+                        .unwrap_or_default(),
                     changed: false,
                 },
             );
@@ -879,10 +884,8 @@ impl Shared {
             let versions: Vec<i64> = changed.iter().map(|(_, r)| r.reported_version).collect();
             let seqs: Vec<i64> = changed.iter().map(|(_, r)| r.last_seq).collect();
             let applied: Vec<i64> = changed.iter().map(|(_, r)| r.applied).collect();
-            let stamps: Vec<Value> = changed
-                .iter()
-                .map(|(_, r)| serde_json::to_value(&r.stamps).expect("stamps serialize"))
-                .collect();
+            let stamps: Vec<Json<&state::Stamps>> =
+                changed.iter().map(|(_, r)| Json(&r.stamps)).collect();
             tx.execute(
                 &update,
                 &[&ids, &reported, &versions, &seqs, &applied, &stamps],

@@ -45,6 +45,23 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         partitions >= 7,
         "audit partitions created ahead: {partitions}"
     );
+
+    // The outbox compresses with lz4 where the server has it (V15).
+    let has_lz4 = client
+        .batch_execute("CREATE TEMP TABLE lz4_probe (b bytea COMPRESSION lz4)")
+        .await
+        .is_ok();
+    let compression: String = client
+        .query_one(
+            "SELECT attcompression::text FROM pg_attribute
+             WHERE attrelid = 'outbox'::regclass AND attname = 'payload'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let expected = if has_lz4 { "l" } else { "" };
+    assert_eq!(compression, expected, "outbox.payload compression");
 }
 
 #[tokio::test]

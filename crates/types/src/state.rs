@@ -40,9 +40,7 @@ pub fn apply_stamped(
         // A later full report replaced the whole document.
         return false;
     }
-    let before = document.clone();
-    merge_stamped(document, stamps, patch, "", sequence);
-    *document != before
+    merge_stamped(document, stamps, patch, "", sequence)
 }
 
 /// Replaces `document` with `full` (a full report sent as `sequence`), leaving out every part
@@ -91,17 +89,46 @@ fn replacement(from: &Value, to: &Value) -> Value {
     }
 }
 
-/// RFC 6901 escaping of one reference token.
+/// `prefix` followed by the RFC 6901 reference token of `key`.
 fn pointer(prefix: &str, key: &str) -> String {
-    format!("{prefix}/{}", key.replace('~', "~0").replace('/', "~1"))
+    let mut path = String::with_capacity(prefix.len() + key.len() + 1);
+    path.push_str(prefix);
+    path.push('/');
+    if key.contains(['~', '/']) {
+        path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+    } else {
+        path.push_str(key);
+    }
+    path
 }
 
-fn merge_stamped(target: &mut Value, stamps: &mut Stamps, patch: &Value, prefix: &str, seq: i64) {
+/// Sets the stamp of `path` to `seq`.
+fn stamp(stamps: &mut Stamps, path: String, seq: i64) {
+    match stamps.get_mut(&path) {
+        Some(stamp) => *stamp = seq,
+        None => {
+            stamps.insert(path, seq);
+        }
+    }
+}
+
+/// Merges `patch` into `target` as report `seq` (see [`apply_stamped`]); returns whether
+/// `target` changed. Every change is noticed where it is made, so no copy of the document is
+/// needed to tell.
+fn merge_stamped(
+    target: &mut Value,
+    stamps: &mut Stamps,
+    patch: &Value,
+    prefix: &str,
+    seq: i64,
+) -> bool {
     let Value::Object(fields) = patch else {
-        return;
+        return false;
     };
+    let mut changed = false;
     if !target.is_object() {
         *target = Value::Object(Map::new());
+        changed = true;
     }
     let Value::Object(object) = target else {
         unreachable!("made an object above")
@@ -114,60 +141,80 @@ fn merge_stamped(target: &mut Value, stamps: &mut Stamps, patch: &Value, prefix:
             if stamps.get(&path).is_some_and(|stamp| *stamp >= seq) {
                 continue;
             }
-            let child = object.entry(key.clone()).or_insert(Value::Null);
-            merge_stamped(child, stamps, value, &path, seq);
+            let child = match object.get_mut(key) {
+                Some(child) => child,
+                None => {
+                    changed = true;
+                    object.entry(key.clone()).or_insert(Value::Null)
+                }
+            };
+            changed |= merge_stamped(child, stamps, value, &path, seq);
         } else {
-            write_leaf(object, key, &path, value, stamps, seq);
+            changed |= write_leaf(object, key, path, value, stamps, seq);
         }
     }
+    changed
 }
 
 /// Sets (or, for `null`, removes) `object[key]` as report `seq` does, unless a later report
-/// wrote it; when a later report wrote something below it, only what is older goes.
+/// wrote it; when a later report wrote something below it, only what is older goes. Returns
+/// whether `object` changed.
 fn write_leaf(
     object: &mut Map<String, Value>,
     key: &str,
-    path: &str,
+    path: String,
     value: &Value,
     stamps: &mut Stamps,
     seq: i64,
-) {
-    if stamps.get(path).is_some_and(|stamp| *stamp >= seq) {
-        return;
+) -> bool {
+    if stamps.get(&path).is_some_and(|stamp| *stamp >= seq) {
+        return false;
     }
+    // Stamps below this field: usually none (a leaf stays a leaf).
     let below = format!("{path}/");
-    let newer_below = stamps
-        .range(below.clone()..)
+    let stamped_below: Vec<(String, i64)> = stamps
+        .range::<str, _>((
+            std::ops::Bound::Included(below.as_str()),
+            std::ops::Bound::Unbounded,
+        ))
         .take_while(|(k, _)| k.starts_with(&below))
-        .any(|(_, stamp)| *stamp >= seq);
-    if newer_below {
+        .map(|(k, stamp)| (k.clone(), *stamp))
+        .collect();
+    if stamped_below.iter().any(|(_, stamp)| *stamp >= seq) {
         // In sequence order this write came first and a later one turned the field into an
         // object again: of that object, only the older fields are gone.
+        let mut changed = false;
         if let Some(Value::Object(child)) = object.get_mut(key) {
             let keys: Vec<String> = child.keys().cloned().collect();
             for child_key in keys {
-                let child_path = pointer(path, &child_key);
-                write_leaf(child, &child_key, &child_path, &Value::Null, stamps, seq);
+                let child_path = pointer(&path, &child_key);
+                changed |= write_leaf(child, &child_key, child_path, &Value::Null, stamps, seq);
             }
         }
         // Whatever below is older than this write is gone, even if it arrives later.
-        stamps.insert(path.to_owned(), seq);
-        return;
+        stamp(stamps, path, seq);
+        return changed;
     }
-    let stale: Vec<String> = stamps
-        .range(below.clone()..)
-        .take_while(|(k, _)| k.starts_with(&below))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for k in stale {
+    for (k, _) in stamped_below {
         stamps.remove(&k);
     }
-    if value.is_null() {
-        object.remove(key);
+    let changed = if value.is_null() {
+        object.remove(key).is_some()
     } else {
-        object.insert(key.to_owned(), value.clone());
-    }
-    stamps.insert(path.to_owned(), seq);
+        match object.get_mut(key) {
+            Some(old) if old == value => false,
+            Some(old) => {
+                *old = value.clone();
+                true
+            }
+            None => {
+                object.insert(key.to_owned(), value.clone());
+                true
+            }
+        }
+    };
+    stamp(stamps, path, seq);
+    changed
 }
 
 /// A document that is not a JSON object.
@@ -470,11 +517,14 @@ mod tests {
             for index in order {
                 let (patch, full) = &reports[index];
                 let seq = index as i64 + 1;
-                if *full {
-                    replace_stamped(&mut doc, &mut stamps, &strip_nulls(patch), seq);
+                let before = doc.clone();
+                let changed = if *full {
+                    replace_stamped(&mut doc, &mut stamps, &strip_nulls(patch), seq)
                 } else {
-                    apply_stamped(&mut doc, &mut stamps, patch, seq);
-                }
+                    apply_stamped(&mut doc, &mut stamps, patch, seq)
+                };
+                // What each application says it did is what it did.
+                assert_eq!(changed, doc != before, "report {seq}: {patch} on {before}");
             }
             doc
         }
