@@ -653,7 +653,7 @@ fn check_content(
                 return Err(Refusal::new(Code::Invalid, "sequence must be at least 1"));
             }
             let state = inline_state(report.reported.as_ref())?;
-            state::parse_object(&state)
+            state::check_object(&state)
                 .map_err(|e| Refusal::new(Code::Invalid, format!("reported: {e}")))?;
             Ok(Checked::Report { report, state })
         }

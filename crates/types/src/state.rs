@@ -245,6 +245,103 @@ pub fn parse_object(bytes: &[u8]) -> Result<Value, String> {
     Ok(value)
 }
 
+/// Checks what [`parse_object`] checks, with the same errors, without building the document:
+/// ingress validates every report and forwards its bytes, so the value would only be dropped.
+pub fn check_object(bytes: &[u8]) -> Result<(), String> {
+    let mut nul = false;
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let found = serde::de::DeserializeSeed::deserialize(Walk { nul: &mut nul }, &mut deserializer)
+        .and_then(|found| deserializer.end().map(|()| found))
+        .map_err(|e| format!("invalid JSON: {e}"))?;
+    if found != "an object" {
+        return Err(NotAnObject { found }.to_string());
+    }
+    if nul {
+        return Err(format!("strings and keys {NOT_STORABLE}"));
+    }
+    Ok(())
+}
+
+/// Walks one JSON value, noting any string or key that holds a NUL; yields the value's
+/// [`kind`].
+struct Walk<'a> {
+    nul: &'a mut bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = &'static str;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk<'_> {
+    type Value = &'static str;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok("null")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok("a boolean")
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok("a number")
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok("a number")
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok("a number")
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+        *self.nul |= storable(text).is_err();
+        Ok("a string")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut items: A,
+    ) -> Result<Self::Value, A::Error> {
+        while items
+            .next_element_seed(Walk {
+                nul: &mut *self.nul,
+            })?
+            .is_some()
+        {}
+        Ok("an array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut fields: A,
+    ) -> Result<Self::Value, A::Error> {
+        while fields
+            .next_key_seed(Walk {
+                nul: &mut *self.nul,
+            })?
+            .is_some()
+        {
+            fields.next_value_seed(Walk {
+                nul: &mut *self.nul,
+            })?;
+        }
+        Ok("an object")
+    }
+}
+
 /// Why text is refused by [`storable`].
 pub const NOT_STORABLE: &str =
     "may not contain NUL characters (\\u0000): PostgreSQL cannot store them";
@@ -399,6 +496,71 @@ mod tests {
         }
         // A backslash followed by the text u0000 is not a NUL.
         assert!(parse_object(br#"{"a": "\\u0000"}"#).is_ok());
+    }
+
+    mod checking_without_parsing {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON-like text from pieces that hit every rule: nesting, every kind at the top,
+        /// NUL escapes in strings and keys, broken syntax, trailing garbage.
+        fn text() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just("{"),
+                Just("}"),
+                Just("["),
+                Just("]"),
+                Just(","),
+                Just(":"),
+                Just("\"a\""),
+                Just("\"\\u0000\""),
+                Just("\"x\\u0000y\""),
+                Just("\"\\\\u0000\""),
+                Just("1"),
+                Just("-2.5e3"),
+                Just("1e400"),
+                Just("true"),
+                Just("null"),
+                Just(" "),
+                Just("\"\\ud800\""),
+                Just("x"),
+            ];
+            proptest::collection::vec(piece, 0..24).prop_map(|pieces| pieces.concat().into_bytes())
+        }
+
+        proptest! {
+            #[test]
+            fn check_object_says_what_parse_object_says(bytes in text()) {
+                prop_assert_eq!(check_object(&bytes), parse_object(&bytes).map(|_| ()));
+            }
+
+            #[test]
+            fn check_object_agrees_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                prop_assert_eq!(check_object(&bytes), parse_object(&bytes).map(|_| ()));
+            }
+        }
+
+        #[test]
+        fn check_object_agrees_on_documents_that_break_one_rule() {
+            for bytes in [
+                &br#"{"a": {"b": [1, "x"]}}"#[..],
+                br#"{"a": "x\u0000y"}"#,
+                br#"{"a\u0000": 1}"#,
+                br#"[{"a": 1}]"#,
+                br#""text""#,
+                b"null",
+                b"7",
+                br#"{"a": "\u0000"} trailing"#,
+                br#"{"a": "\u0000", "b": }"#,
+                b"",
+            ] {
+                assert_eq!(
+                    check_object(bytes),
+                    parse_object(bytes).map(|_| ()),
+                    "{bytes:?}"
+                );
+            }
+        }
     }
 
     #[test]
