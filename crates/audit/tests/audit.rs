@@ -171,7 +171,11 @@ async fn the_pipelines_events_are_stored_once_and_found_by_device_worker_and_req
     // By request id: one report's outcome, naming the worker that accepted it (the requestor)
     // beside the one that applied it (the reconciler) and its place in the request stream.
     let events = wait_for(Duration::from_secs(20), "the report's chain", || async {
-        let (_, page) = get(audit.http_addr, "/v1/audit?request=report:a2:2").await;
+        let (_, page) = get(
+            audit.http_addr,
+            "/v1/audit?request=report:a2:2&worker=reconciler/rec-1",
+        )
+        .await;
         let events = page["events"].as_array().unwrap().clone();
         (!events.is_empty()).then_some(events)
     })

@@ -623,11 +623,19 @@ impl Shared {
                     applied: row.get(8),
                     http_endpoint: row.get(9),
                     last_seen: row.get(10),
-                    // Read straight into the map (no intermediate JSON value).
-                    stamps: row
-                        .try_get::<_, Json<state::Stamps>>(11)
-                        .map(|stamps| stamps.0)
-                        .unwrap_or_default(),
+                    // Read straight into the map (no intermediate JSON value). Stamps
+                    // that do not read as a map are treated as none, as before, but said.
+                    stamps: match row.try_get::<_, Json<state::Stamps>>(11) {
+                        Ok(stamps) => stamps.0,
+                        Err(error) => {
+                            tracing::warn!(
+                                device_id = row.get::<_, &str>(0),
+                                %error,
+                                "reported stamps unreadable; ignored"
+                            );
+                            state::Stamps::default()
+                        }
+                    },
                     changed: false,
                 },
             );

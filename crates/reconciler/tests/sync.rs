@@ -15,13 +15,15 @@ use devsync_types::{DeviceId, Lane, names, subjects};
 use futures::StreamExt;
 use serde_json::json;
 
+/// The reconciler's audit actions about `device` (ingress records a device retry that
+/// JetStream deduplicated under the same action name, `report.duplicate`).
 async fn audit_actions(stack: &Stack, device: &str) -> Vec<String> {
     stack
         .stored(names::STREAM_AUDIT)
         .await
         .into_iter()
         .flat_map(|(_, payload)| devsync_runtime::audit::decode(&payload).unwrap_or_default())
-        .filter(|e| e.device_id == device)
+        .filter(|e| e.device_id == device && e.worker_id.starts_with("reconciler/"))
         .map(|e| e.action)
         .collect()
 }
