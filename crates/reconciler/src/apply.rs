@@ -454,11 +454,24 @@ impl Shared {
     async fn commit_or_fail(&self, batch: &[Delivery]) -> (Vec<Outcome>, bool, Option<Committed>) {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut requests = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
         for (index, delivery) in batch.iter().enumerate() {
             match self.decode(index, delivery).await {
                 Ok(request) => requests.push(request),
-                Err(Decoded::Poison(reason)) => outcomes[index] = Outcome::Reject(reason),
+                Err(Decoded::Poison(reason)) => {
+                    rejected.push(self.rejection(delivery, &reason));
+                    outcomes[index] = Outcome::Reject(reason);
+                }
                 Err(Decoded::Transient(reason)) => outcomes[index] = Outcome::Retry(reason),
+            }
+        }
+        if !rejected.is_empty() {
+            // Poison is rare: its events go out at once, before the worker dead-letters it
+            // (best effort: the dead letter itself is the record the worker guarantees).
+            if let Err(error) =
+                publish::publish_all(&self.js, self.auditor.message(&rejected)).await
+            {
+                tracing::warn!(%error, "cannot audit rejected requests");
             }
         }
         if requests.is_empty() {
@@ -512,6 +525,39 @@ impl Shared {
             tracing::warn!(%error, outbox_id = id, "cannot delete published outbox row");
         }
         outcomes
+    }
+
+    /// The audit event of a request refused as poison: its device (from the subject), its id
+    /// (the message id it was stored with) and the worker that accepted it, where they can be
+    /// read. Ingress records no event for a request it stored, so without this one a
+    /// dead-lettered request would have none.
+    fn rejection(&self, delivery: &Delivery, reason: &str) -> AuditRecord {
+        let device = subjects::parse_request(delivery.subject())
+            .ok()
+            .map(|(_, _, device)| device);
+        let request = delivery
+            .headers()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+            .and_then(|id| RequestId::parse(id.as_str().to_owned()).ok());
+        let accepted_by = SyncRequest::decode(delivery.payload().clone())
+            .ok()
+            .map(|request| request.accepted_by)
+            .filter(|worker| !worker.is_empty());
+        self.auditor.record(
+            Utc::now(),
+            device.as_ref(),
+            request.as_ref(),
+            "reconcile",
+            "request.rejected",
+            AuditOutcome::Rejected,
+            json!({
+                "reason": reason,
+                "dead_lettered": true,
+                "accepted_by": accepted_by,
+                "stream_sequence": delivery.stream_sequence(),
+                "delivery": delivery.delivered(),
+            }),
+        )
     }
 
     async fn decode(&self, index: usize, delivery: &Delivery) -> Result<Request, Decoded> {

@@ -560,6 +560,36 @@ async fn batches_of_several_partitions_share_a_transaction_and_keep_their_own_ou
     .await;
     dead.sort();
     assert_eq!(dead, poisoned);
+    // Each rejection is audited by the reconciler, naming the device and why.
+    let mut rejected = wait_for(Duration::from_secs(10), "rejections audited", || async {
+        let rejected: Vec<(String, String)> = stack
+            .stored(names::STREAM_AUDIT)
+            .await
+            .into_iter()
+            .flat_map(|(_, payload)| devsync_runtime::audit::decode(&payload).unwrap_or_default())
+            .filter(|e| e.action == "request.rejected" && e.worker_id == "reconciler/gc-1")
+            .map(|e| {
+                (
+                    e.device_id,
+                    String::from_utf8_lossy(&e.details_json).into_owned(),
+                )
+            })
+            .collect();
+        (rejected.len() >= poisoned.len()).then_some(rejected)
+    })
+    .await;
+    rejected.sort();
+    assert_eq!(
+        rejected.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+        poisoned
+    );
+    assert!(
+        rejected
+            .iter()
+            .all(|(_, details)| details.contains("not a sync request")
+                && details.contains("\"dead_lettered\":true")),
+        "{rejected:?}"
+    );
     // And batches did share transactions.
     let page = metrics_page(running.http_addr).await;
     let transactions = metric_sum(&page, "devsync_reconcile_transaction_seconds_count", "");
