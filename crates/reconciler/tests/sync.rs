@@ -277,8 +277,15 @@ async fn a_large_reported_state_travels_through_the_object_store() {
         .unwrap();
     let objects: Vec<_> = store.list().await.unwrap().collect().await;
     assert_eq!(objects.len(), 1, "the report was claim-checked");
-    let request = stack.stored(names::STREAM_REQ).await;
-    assert!(request.is_empty(), "the request was acked");
+    // The ack follows the commit (and the outputs' publish): wait for it.
+    wait_for(Duration::from_secs(10), "the request acked", || async {
+        stack
+            .stored(names::STREAM_REQ)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 
     reconciler.stop().await;
     requestor.stop().await;
