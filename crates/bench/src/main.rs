@@ -2,9 +2,7 @@
 
 use clap::Parser;
 
-/// jemalloc: under load glibc's malloc spent a large share of the services' CPU merging
-/// freed chunks; with jemalloc the requestor and reconciler use ~15-20% less CPU and no more
-/// memory (README, Performance).
+/// jemalloc, as in every devsync service and the bench (why: README, Performance).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -359,21 +359,27 @@ struct Request {
 }
 
 impl Request {
-    /// `details` of an audit event about this request's outcome, with where it came from:
-    /// the worker that accepted it and its place in `DEVSYNC_REQ`. Ingress records no event
-    /// of its own for a request it stored, so this one event names both workers.
-    fn details(&self, delivery: &Delivery, mut details: Value) -> Value {
-        if let Value::Object(map) = &mut details {
-            if let Some(accepted_by) = &self.accepted_by {
-                map.insert("accepted_by".into(), Value::String(accepted_by.clone()));
-            }
-            map.insert(
-                "stream_sequence".into(),
-                Value::from(delivery.stream_sequence()),
-            );
-        }
-        details
+    /// `details` of an audit event about this request's outcome, with where it came from
+    /// ([`with_origin`]; `batch` is the batch holding it).
+    fn details(&self, batch: &[Delivery], details: Value) -> Value {
+        with_origin(details, self.accepted_by.as_deref(), &batch[self.index])
     }
+}
+
+/// `details` of an audit event about a stored request, with where the request came from: the
+/// worker that accepted it and its place in `DEVSYNC_REQ`. Ingress records no event of its own
+/// for a request it stored, so the reconciler's event names both workers.
+fn with_origin(mut details: Value, accepted_by: Option<&str>, delivery: &Delivery) -> Value {
+    if let Value::Object(map) = &mut details {
+        if let Some(accepted_by) = accepted_by {
+            map.insert("accepted_by".into(), Value::from(accepted_by));
+        }
+        map.insert(
+            "stream_sequence".into(),
+            Value::from(delivery.stream_sequence()),
+        );
+    }
+    details
 }
 
 /// A device row, as locked for the batch.
@@ -550,13 +556,15 @@ impl Shared {
             "reconcile",
             "request.rejected",
             AuditOutcome::Rejected,
-            json!({
-                "reason": reason,
-                "dead_lettered": true,
-                "accepted_by": accepted_by,
-                "stream_sequence": delivery.stream_sequence(),
-                "delivery": delivery.delivered(),
-            }),
+            with_origin(
+                json!({
+                    "reason": reason,
+                    "dead_lettered": true,
+                    "delivery": delivery.delivered(),
+                }),
+                accepted_by.as_deref(),
+                delivery,
+            ),
         )
     }
 
@@ -705,10 +713,7 @@ impl Shared {
                     "reconcile",
                     "request.rejected",
                     AuditOutcome::Rejected,
-                    request.details(
-                        &batch[request.index],
-                        json!({"reason": "device is not registered"}),
-                    ),
+                    request.details(batch, json!({"reason": "device is not registered"})),
                 ));
                 outcomes[request.index] =
                     Outcome::Reject(format!("device {} is not registered", request.device));
@@ -732,10 +737,7 @@ impl Shared {
                             "reconcile",
                             "report.skipped",
                             AuditOutcome::Skipped,
-                            request.details(
-                                &batch[request.index],
-                                json!({"reason": "device is disabled"}),
-                            ),
+                            request.details(batch, json!({"reason": "device is disabled"})),
                         ));
                         continue;
                     }
@@ -764,7 +766,7 @@ impl Shared {
                             "report.duplicate",
                             AuditOutcome::Skipped,
                             request.details(
-                                &batch[request.index],
+                                batch,
                                 json!({
                                     "sequence": sequence,
                                     "last_sequence": row.last_seq,
@@ -792,7 +794,7 @@ impl Shared {
                         "report.applied",
                         AuditOutcome::Ok,
                         request.details(
-                            &batch[request.index],
+                            batch,
                             json!({
                                 "sequence": sequence,
                                 "reported_version": row.reported_version,
@@ -843,7 +845,7 @@ impl Shared {
                             AuditOutcome::Failed
                         },
                         request.details(
-                            &batch[request.index],
+                            batch,
                             json!({
                                 "desired_version": version,
                                 "error": error,
