@@ -10,8 +10,8 @@
 //! An accepted report or ack is stored as a sync request naming this worker
 //! (`accepted_by`); the reconciler's event of its outcome carries that name, so ingress
 //! audits a stored request only when JetStream recognised it as a device retry.
-//! Nothing else is blocked: each message is handled in its own task, bounded by
-//! `max_in_flight` (refreshes: their own budget, on their own runtime).
+//! Nothing else is blocked: the messages in flight are handled concurrently, at most
+//! `max_in_flight` (refreshes: their own budget, tasks on their own runtime).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use devsync_runtime::{Shutdown, blobs, dlq, telemetry};
 use devsync_types::convert::timestamp;
 use devsync_types::{AuditOutcome, DeviceId, Lane, MessageKind, RequestId, state, subjects};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -146,7 +147,6 @@ pub struct Ingress {
     refusal_audits: DefaultKeyedRateLimiter<DeviceId>,
     checkins: Checkins,
     metrics: Metrics,
-    in_flight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -191,7 +191,6 @@ impl Ingress {
             ),
             limiter: RateLimiter::keyed(quota),
             refusal_audits: RateLimiter::keyed(Quota::per_second(non_zero(1))),
-            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             checkins,
             metrics,
@@ -220,14 +219,23 @@ impl Ingress {
     }
 
     /// Handles device messages until `shutdown`; then unsubscribes so the other replicas take
-    /// over. Refreshes are served by [`Ingress::serve_refreshes`] on the refresh runtime.
-    pub async fn serve(self: &Arc<Self>, mut all: Subscriber, shutdown: Shutdown) {
+    /// over, and finishes the messages in hand (at most `drain`). Refreshes are served by
+    /// [`Ingress::serve_refreshes`] on the refresh runtime.
+    ///
+    /// The messages in flight are futures of this one task (at most `max_in_flight`), not a
+    /// task each: a spawn per message cost about a tenth of the requestor's CPU (task
+    /// allocation, the runtime's task list lock, wake-ups across threads), and ingress work per
+    /// message is small next to the NATS round trip it waits for.
+    pub async fn serve(self: &Arc<Self>, mut all: Subscriber, shutdown: Shutdown, drain: Duration) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
+        let mut in_flight = FuturesUnordered::new();
+        let most = self.settings.max_in_flight;
         loop {
             let message = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                message = all.next() => message,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                message = all.next(), if in_flight.len() < most => message,
                 _ = housekeeping.tick() => {
                     self.limiter.retain_recent();
                     self.refusal_audits.retain_recent();
@@ -239,9 +247,17 @@ impl Ingress {
             if is_refresh(&message) {
                 continue;
             }
-            self.spawn(message, false).await;
+            in_flight.push(self.handle(message, false));
         }
         let _ = all.unsubscribe().await;
+        let finished =
+            tokio::time::timeout(drain, async { while in_flight.next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(
+                in_flight = in_flight.len(),
+                "ingress drain timed out with messages in flight"
+            );
+        }
     }
 
     /// Answers refreshes until `shutdown`. Spawned on the refresh runtime, so its tasks (and
@@ -254,42 +270,36 @@ impl Ingress {
                 message = refreshes.next() => message,
             };
             let Some(message) = message else { break };
-            self.spawn(message, true).await;
+            self.spawn_refresh(message).await;
         }
         let _ = refreshes.unsubscribe().await;
     }
 
-    /// Handles `message` in a task of the current runtime, holding a permit of its path's
-    /// in-flight budget.
-    async fn spawn(self: &Arc<Self>, message: Message, refresh_path: bool) {
-        let budget = if refresh_path {
-            &self.refresh_in_flight
-        } else {
-            &self.in_flight
-        };
-        let Ok(permit) = budget.clone().acquire_owned().await else {
+    /// Answers a refresh in a task of the refresh runtime, holding a permit of the refresh
+    /// budget.
+    async fn spawn_refresh(self: &Arc<Self>, message: Message) {
+        let Ok(permit) = self.refresh_in_flight.clone().acquire_owned().await else {
             return;
         };
         let ingress = Arc::clone(self);
         tokio::spawn(async move {
-            ingress.handle(message, refresh_path).await;
+            ingress.handle(message, true).await;
             drop(permit);
         });
     }
 
-    /// Waits until messages in flight (refreshes included) are answered, at most `timeout`.
+    /// Waits until refreshes in flight are answered, at most `timeout` (the report path's
+    /// messages are finished by [`Ingress::serve`] itself).
     pub async fn drain(&self, timeout: Duration) {
-        let all = self.settings.max_in_flight as u32;
         let refreshes = refresh_budget(&self.settings) as u32;
         let waited = tokio::time::timeout(timeout, async {
-            let _ = self.in_flight.acquire_many(all).await;
             let _ = self.refresh_in_flight.acquire_many(refreshes).await;
             // The last answers are written before the refresh connection goes away.
             let _ = self.refresh_client.flush().await;
         })
         .await;
         if waited.is_err() {
-            tracing::warn!("ingress drain timed out with messages in flight");
+            tracing::warn!("refresh drain timed out with refreshes in flight");
         }
     }
 

@@ -253,7 +253,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     );
     let drain = settings.common.shutdown.drain_timeout;
     let task = tokio::spawn(async move {
-        ingress.serve(subscription, shutdown.clone()).await;
+        ingress.serve(subscription, shutdown.clone(), drain).await;
         let _ = tokio::time::timeout(drain, refresh_task).await;
         ingress.drain(drain).await;
         refresh_runtime.stop().await;
