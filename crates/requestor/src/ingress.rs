@@ -32,8 +32,8 @@ use devsync_runtime::service::Service;
 use devsync_runtime::{Shutdown, blobs, dlq, telemetry};
 use devsync_types::convert::timestamp;
 use devsync_types::{AuditOutcome, DeviceId, Lane, MessageKind, RequestId, state, subjects};
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -247,7 +247,17 @@ impl Ingress {
             if is_refresh(&message) {
                 continue;
             }
-            in_flight.push(self.handle(message, false));
+            // A panic while handling one message drops that message only (as a task of its
+            // own would), not the serving loop.
+            in_flight.push(
+                std::panic::AssertUnwindSafe(self.handle(message, false))
+                    .catch_unwind()
+                    .map(|handled| {
+                        if handled.is_err() {
+                            tracing::error!("ingress handler panicked; the message is dropped");
+                        }
+                    }),
+            );
         }
         let _ = all.unsubscribe().await;
         let finished =
