@@ -300,7 +300,7 @@ impl Ingress {
 
     /// Waits until refreshes in flight are answered, at most `timeout` (the report path's
     /// messages are finished by [`Ingress::serve`] itself).
-    pub async fn drain(&self, timeout: Duration) {
+    pub async fn drain_refreshes(&self, timeout: Duration) {
         let refreshes = refresh_budget(&self.settings) as u32;
         let waited = tokio::time::timeout(timeout, async {
             let _ = self.refresh_in_flight.acquire_many(refreshes).await;

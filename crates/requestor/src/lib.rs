@@ -255,7 +255,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let task = tokio::spawn(async move {
         ingress.serve(subscription, shutdown.clone(), drain).await;
         let _ = tokio::time::timeout(drain, refresh_task).await;
-        ingress.drain(drain).await;
+        ingress.drain_refreshes(drain).await;
         refresh_runtime.stop().await;
         audit_stop.cancel();
         let _ = audit_task.await;
