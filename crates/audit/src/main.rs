@@ -21,8 +21,7 @@ struct Args {
     service: devsync_runtime::service::ServiceArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    devsync_runtime::service::main("devsync-audit", args.service.config, devsync_audit::run).await
+    devsync_runtime::service::main("devsync-audit", args.service.config, devsync_audit::run)
 }

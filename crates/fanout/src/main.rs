@@ -22,8 +22,7 @@ struct Args {
     service: devsync_runtime::service::ServiceArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    devsync_runtime::service::main("devsync-fanout", args.service.config, devsync_fanout::run).await
+    devsync_runtime::service::main("devsync-fanout", args.service.config, devsync_fanout::run)
 }

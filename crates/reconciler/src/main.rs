@@ -21,13 +21,11 @@ struct Args {
     service: devsync_runtime::service::ServiceArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     devsync_runtime::service::main(
         "devsync-reconciler",
         args.service.config,
         devsync_reconciler::run,
     )
-    .await
 }

@@ -161,9 +161,9 @@ pub struct ServiceArgs {
 pub const EXIT_USAGE: u8 = 64;
 
 /// The whole `main` of a service binary: load settings (exit 64 with one line on a bad
-/// setting), start telemetry, run until SIGTERM/SIGINT, flush telemetry, exit non-zero with a
+/// setting), build the async runtime (`runtime.worker_threads`), start telemetry, run until SIGTERM/SIGINT, flush telemetry, exit non-zero with a
 /// one-line reason on failure.
-pub async fn main<S, F, Fut>(binary: &str, config_file: Option<PathBuf>, run: F) -> ExitCode
+pub fn main<S, F, Fut>(binary: &str, config_file: Option<PathBuf>, run: F) -> ExitCode
 where
     S: Settings,
     F: FnOnce(S, Shutdown) -> Fut,
@@ -177,20 +177,29 @@ where
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let telemetry = match crate::telemetry::init(binary, &settings.common().log, &sources) {
-        Ok(telemetry) => telemetry,
+    let runtime = match settings.common().runtime.build() {
+        Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("{binary}: {error}");
-            return ExitCode::from(EXIT_USAGE);
+            eprintln!("{binary}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
         }
     };
-    let result = run(settings, crate::shutdown::on_signals()).await;
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("{binary}: {error:#}");
-            ExitCode::FAILURE
+    runtime.block_on(async move {
+        let telemetry = match crate::telemetry::init(binary, &settings.common().log, &sources) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("{binary}: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let result = run(settings, crate::shutdown::on_signals()).await;
+        telemetry.shutdown();
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("{binary}: {error:#}");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

@@ -180,3 +180,34 @@ fn service_sections_load_typed_values_from_the_environment() {
     assert_eq!(settings.common.topology.partitions.get(), 4);
     assert_eq!(settings.svc.share, 0.5);
 }
+
+#[test]
+fn a_service_runs_on_the_worker_threads_it_is_configured_with() {
+    let load = |value: &str| {
+        config::load::<CommonSettings>(&ConfigSources::from_pairs(
+            None,
+            [("DEVSYNC_RUNTIME__WORKER_THREADS", value)],
+        ))
+    };
+    let workers = |settings: &CommonSettings| {
+        let runtime = settings.runtime.build().unwrap();
+        runtime.metrics().num_workers()
+    };
+    assert_eq!(
+        workers(&CommonSettings::default()),
+        1,
+        "one thread by default"
+    );
+    assert_eq!(workers(&load("3").unwrap()), 3);
+    let per_cpu = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(workers(&load("0").unwrap()), per_cpu, "0: one per CPU");
+
+    let err = load("1000").unwrap_err().to_string();
+    assert!(
+        err.starts_with("setting runtime.worker_threads (DEVSYNC_RUNTIME__WORKER_THREADS):"),
+        "{err}"
+    );
+    assert!(err.contains("at most 256"), "{err}");
+    let err = load("many").unwrap_err().to_string();
+    assert!(err.contains("runtime.worker_threads"), "{err}");
+}
