@@ -469,9 +469,9 @@ impl Default for ShutdownSettings {
 #[serde(default)]
 pub struct RuntimeSettings {
     /// Tokio worker threads; `0` for one per CPU the process may use. One by default: a
-    /// service waits on NATS and PostgreSQL far more than it computes, and scales by replicas.
-    /// With a thread per CPU the idle threads kept being woken to steal a task and parked
-    /// again, which at half the peak report rate cost each service 10–15% of its CPU.
+    /// service waits on NATS and PostgreSQL far more than it computes, and scales by
+    /// replicas. With a thread per CPU the idle threads kept being woken to steal a task and
+    /// parked again, about 10% of the reconciler's CPU at half the peak report rate.
     pub worker_threads: usize,
 }
 
