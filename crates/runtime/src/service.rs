@@ -161,8 +161,8 @@ pub struct ServiceArgs {
 pub const EXIT_USAGE: u8 = 64;
 
 /// The whole `main` of a service binary: load settings (exit 64 with one line on a bad
-/// setting), build the async runtime (`runtime.worker_threads`), start telemetry, run until SIGTERM/SIGINT, flush telemetry, exit non-zero with a
-/// one-line reason on failure.
+/// setting), build the async runtime (`runtime.worker_threads`), start telemetry, run until
+/// SIGTERM/SIGINT, flush telemetry, exit non-zero with a one-line reason on failure.
 pub fn main<S, F, Fut>(binary: &str, config_file: Option<PathBuf>, run: F) -> ExitCode
 where
     S: Settings,
