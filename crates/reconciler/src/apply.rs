@@ -16,8 +16,8 @@
 //! 4. one set-based `UPDATE ... FROM unnest(...)` for all changed devices;
 //! 5. every output (pushes to `DEVSYNC_FANOUT`, audit events, follow-up stages on
 //!    `DEVSYNC_REQ`) goes into one outbox row of the same transaction; `COMMIT`;
-//! 6. publish the outputs with deterministic `Nats-Msg-Id`s, delete the outbox row, and only
-//!    then ack the batch.
+//! 6. publish the outputs with deterministic `Nats-Msg-Id`s and only then ack the batch; the
+//!    outbox row is deleted by the next transaction's insert (or the sweeper's next tick).
 //!
 //! A crash before 5 changes nothing; between 5 and 6 the outbox sweeper publishes the row
 //! (duplicates are dropped by the streams); a redelivered request finds its fields stamped with
@@ -40,7 +40,7 @@ use devsync_proto::v1::{
 use devsync_runtime::audit::Auditor;
 use devsync_runtime::publish::{self, Outgoing};
 use devsync_runtime::worker::{Delivery, Handler, Outcome};
-use devsync_runtime::{blobs, telemetry};
+use devsync_runtime::{blobs, outbox, telemetry};
 use devsync_types::convert::{from_timestamp, timestamp};
 use devsync_types::{
     AuditOutcome, AuditRecord, DeviceId, Lane, Partition, RequestId, state, subjects,
@@ -138,6 +138,8 @@ pub struct Shared {
     pub failpoint: Option<Failpoint>,
     /// Batches being handled now, per partition (observability and tests).
     pub active: Mutex<HashMap<Partition, usize>>,
+    /// Outbox rows published and not yet deleted (the next transaction deletes them).
+    pub published: outbox::Published,
 }
 
 impl std::fmt::Debug for Shared {
@@ -508,7 +510,7 @@ impl Shared {
     }
 
     /// The publishing half of [`Shared::apply_or_fail`]: publishes what `committed` recorded
-    /// and deletes its outbox row. If publishing fails, every applied request is retried
+    /// and hands its outbox row to the next transaction to delete. If publishing fails, every applied request is retried
     /// (nothing is acked, the outbox sweeper publishes the row, a redelivery changes nothing).
     async fn publish(
         &self,
@@ -525,10 +527,8 @@ impl Shared {
             }
             return outcomes;
         }
-        if let Some(id) = committed.outbox_id
-            && let Err(error) = devsync_runtime::outbox::delete(&self.pool, id).await
-        {
-            tracing::warn!(%error, outbox_id = id, "cannot delete published outbox row");
+        if let Some(id) = committed.outbox_id {
+            self.published.push(id);
         }
         outcomes
     }
@@ -958,13 +958,26 @@ impl Shared {
                 .await?;
         }
         let messages = out.finish(&self.auditor);
+        // Earlier batches' published rows go with this one's: they wait again should it not
+        // commit.
+        let mut published = Vec::new();
         let outbox_id = if messages.is_empty() {
             None
         } else {
             let key = format!("batch:{}", requests[0].request_id);
-            Some(devsync_runtime::outbox::insert(&tx, OUTBOX_OWNER, &key, &messages).await?)
+            published = self.published.take();
+            match outbox::insert(&tx, OUTBOX_OWNER, &key, &messages, &published).await {
+                Ok(id) => Some(id),
+                Err(error) => {
+                    self.published.restore(published);
+                    return Err(error.into());
+                }
+            }
         };
-        tx.commit().await?;
+        if let Err(error) = tx.commit().await {
+            self.published.restore(published);
+            return Err(error.into());
+        }
         Ok(Committed {
             outbox_id,
             messages,

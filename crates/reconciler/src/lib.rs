@@ -56,7 +56,8 @@ pub struct ReconcilerSettings {
     /// Devices seen within this window count as active for push policies.
     #[serde(with = "humantime_serde")]
     pub active_window: Duration,
-    /// How often the outbox sweeper looks for leftovers.
+    /// How often the outbox sweeper looks for leftovers, and deletes the published rows no
+    /// transaction took since its last look (below `outbox_age`, or they are swept first).
     #[serde(with = "humantime_serde")]
     pub outbox_sweep_every: Duration,
     /// How old an outbox row must be before the sweeper publishes it.
@@ -142,6 +143,12 @@ impl SettingsTrait for Settings {
                 "must be at least 2 (one per lane) and at most database.pool_size",
             ));
         }
+        if self.reconciler.outbox_sweep_every >= self.reconciler.outbox_age {
+            return Err(ConfigError::invalid(
+                "reconciler.outbox_sweep_every",
+                "must be below reconciler.outbox_age",
+            ));
+        }
         self.failpoint()?;
         Ok(())
     }
@@ -217,6 +224,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         metrics,
         failpoint,
         active: Mutex::new(HashMap::new()),
+        published: devsync_runtime::outbox::Published::default(),
     });
     let (rt_slots, bulk_slots) = lane_slots(
         settings.reconciler.transactions,
@@ -266,12 +274,19 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         apply::OUTBOX_OWNER,
         settings.reconciler.outbox_sweep_every,
         settings.reconciler.outbox_age,
+        shared.published.clone(),
         shutdown.clone(),
     ));
     let owner_shutdown = shutdown.clone();
+    let flush = shared.clone();
     let task = tokio::spawn(async move {
         owner.run(assign_rx, owner_shutdown).await;
         let _ = sweeper.await;
+        // What the last transactions published; a row left here is published again by the
+        // next sweeper, which the streams deduplicate.
+        if let Err(error) = flush.published.flush(&flush.pool).await {
+            tracing::warn!(%error, "cannot delete published outbox rows");
+        }
         let _ = http.task.await;
         tracing::info!("reconciler stopped");
     });
@@ -312,5 +327,14 @@ mod tests {
         settings.reconciler.transactions = settings.common.database.pool_size + 1;
         let error = settings.validate().unwrap_err().to_string();
         assert!(error.contains("at most database.pool_size"), "{error}");
+    }
+
+    #[test]
+    fn the_outbox_sweeper_looks_more_often_than_a_row_ages() {
+        let mut settings = Settings::default();
+        settings.reconciler.outbox_sweep_every = settings.reconciler.outbox_age;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("reconciler.outbox_sweep_every"), "{error}");
+        assert!(error.contains("below reconciler.outbox_age"), "{error}");
     }
 }

@@ -105,6 +105,15 @@ async fn a_report_is_applied_once_despite_retries_and_redeliveries() {
         .count();
     assert_eq!(applied, 2, "one audit event per applied report");
 
+    // Each batch's outbox row, once published, went with the next batch's insert; the last
+    // one, with no batch after it, with the sweeper's tick.
+    wait_for(
+        Duration::from_secs(10),
+        "the published outbox rows deleted",
+        || async { (stack.scalar("SELECT count(*) FROM outbox").await == 0).then_some(()) },
+    )
+    .await;
+
     reconciler.stop().await;
     requestor.stop().await;
 }

@@ -204,8 +204,9 @@ pub struct Driver {
     id: String,
     limiter: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
     last_check: Option<Instant>,
-    /// Outbox rows whose batch was published, deleted by the next transaction.
-    published: std::sync::Mutex<Vec<i64>>,
+    /// Outbox rows whose batch was published, deleted by the next transaction (or the
+    /// requestor's outbox sweeper).
+    published: outbox::Published,
     /// The (wave, cursor) this driver's own last round of a first pass stored. Devices of a
     /// pass are dispatched in id order and the cursor moves past them, so after that cursor no
     /// device of the wave was dispatched yet and the next round skips the check (a third of a
@@ -229,6 +230,7 @@ impl Driver {
         auditor: Auditor,
         settings: SchedulerSettings,
         id: String,
+        published: outbox::Published,
     ) -> Self {
         Self {
             js,
@@ -238,7 +240,7 @@ impl Driver {
             id,
             limiter: None,
             last_check: None,
-            published: std::sync::Mutex::default(),
+            published,
             own_cursor: None,
         }
     }
@@ -621,6 +623,8 @@ impl Driver {
         sent.sort();
         let mut outbox_id = None;
         let mut messages = Vec::new();
+        // Outbox rows of batches already published go with this transaction's own.
+        let mut published = Vec::new();
         if let Some(first) = sent.first() {
             let msg_id = format!("campaign:{}:{first}", self.id);
             let message = CampaignBatch {
@@ -641,27 +645,31 @@ impl Driver {
                 payload: message.encode_to_vec().into(),
                 headers: Some(headers),
             });
-            outbox_id = Some(
-                outbox::insert(
-                    &tx,
-                    OUTBOX_OWNER,
-                    &format!("campaign:{}", self.id),
-                    &messages,
-                )
-                .await?,
-            );
+            published = self.published.take();
+            let inserted = outbox::insert(
+                &tx,
+                OUTBOX_OWNER,
+                &format!("campaign:{}", self.id),
+                &messages,
+                &published,
+            )
+            .await;
+            match inserted {
+                Ok(id) => outbox_id = Some(id),
+                Err(error) => {
+                    self.published.restore(published);
+                    return Err(error.into());
+                }
+            }
         }
-        // Outbox rows of batches already published go with this transaction's commit.
-        let published: Vec<i64> = std::mem::take(&mut *self.published.lock().expect("lock"));
-        if !published.is_empty() {
-            tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&published])
-                .await?;
+        if let Err(error) = tx.commit().await {
+            self.published.restore(published);
+            return Err(error.into());
         }
-        tx.commit().await?;
         if let Some(id) = outbox_id {
             // After commit: if this fails, the outbox sweeper publishes the batch.
             publish::publish_all(&self.js, messages).await?;
-            self.published.lock().expect("lock").push(id);
+            self.published.push(id);
         }
         Ok(())
     }

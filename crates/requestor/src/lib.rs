@@ -227,12 +227,14 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
             shutdown.clone(),
         ),
     );
+    let published = devsync_runtime::outbox::Published::default();
     let outbox = tokio::spawn(devsync_runtime::outbox::run(
         service.js.clone(),
         service.pool.clone(),
         campaigns::OUTBOX_OWNER,
         Duration::from_secs(2),
         Duration::from_secs(5),
+        published.clone(),
         shutdown.clone(),
     ));
     let members = service
@@ -248,8 +250,12 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         shutdown.clone(),
     );
     let scheduler = tokio::spawn(
-        scheduler::Scheduler::new(&service, settings.requestor.scheduler.clone())
-            .run(lease.watch(), shutdown.clone()),
+        scheduler::Scheduler::new(
+            &service,
+            settings.requestor.scheduler.clone(),
+            published.clone(),
+        )
+        .run(lease.watch(), shutdown.clone()),
     );
     let drain = settings.common.shutdown.drain_timeout;
     let task = tokio::spawn(async move {
@@ -265,6 +271,11 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         let _ = registry_listener.await;
         let _ = outbox.await;
         let _ = scheduler.await;
+        // The campaign drivers' last published rows (left here, the next sweeper publishes
+        // them again and the stream drops them).
+        if let Err(error) = published.flush(&service.pool).await {
+            tracing::warn!(%error, "cannot delete published outbox rows");
+        }
         lease.wait().await;
         let _ = http.task.await;
         tracing::info!("requestor stopped");

@@ -111,6 +111,8 @@ pub struct Scheduler {
     auditor: Auditor,
     worker: String,
     settings: SchedulerSettings,
+    /// The campaign drivers' published outbox rows, which the outbox sweeper also deletes.
+    published: devsync_runtime::outbox::Published,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -122,14 +124,20 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
-    /// The jobs of `service`.
-    pub fn new(service: &Service, settings: SchedulerSettings) -> Self {
+    /// The jobs of `service`; its campaign drivers leave their published outbox rows in
+    /// `published`.
+    pub fn new(
+        service: &Service,
+        settings: SchedulerSettings,
+        published: devsync_runtime::outbox::Published,
+    ) -> Self {
         Self {
             js: service.js.clone(),
             pool: service.pool.clone(),
             auditor: service.auditor.clone(),
             worker: service.worker_id.to_string(),
             settings,
+            published,
         }
     }
 
@@ -328,6 +336,7 @@ impl Scheduler {
                     self.auditor.clone(),
                     self.settings.clone(),
                     id.clone(),
+                    self.published.clone(),
                 );
                 drivers.insert(id, tokio::spawn(driver.run(term.clone())));
             }

@@ -63,6 +63,7 @@ async fn two_drivers_racing_over_one_campaign_dispatch_each_device_once() {
                 auditor,
                 settings.clone(),
                 "race-1".into(),
+                devsync_runtime::outbox::Published::default(),
             );
             tokio::spawn(driver.run(shutdown.clone()))
         })

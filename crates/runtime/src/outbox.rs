@@ -1,12 +1,15 @@
 //! The transactional outbox: the outputs of a database transaction are stored in the same
 //! transaction ([`insert`]), published after commit with deterministic message ids, and the
-//! row deleted ([`delete`]). Used by the reconciler's batches and the campaign driver.
+//! row then deleted: by the owner's next transaction, which deletes the rows published since
+//! the previous one with its own insert ([`Published`]), or by the sweeper's next tick when no
+//! transaction followed. Used by the reconciler's batches and the campaign driver.
 //!
 //! The sweeper ([`run`]) publishes rows a crashed (or slow) transaction left behind. A row
 //! older than `age` is therefore a leftover: the sweeper locks it (`SKIP LOCKED`, so replicas
 //! share the work), publishes its messages with their original message ids (the streams drop
 //! what was already stored) and deletes it.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -23,56 +26,110 @@ const CLAIM: &str = "SELECT id, payload FROM outbox
 /// Rows one sweep claims (and holds locked while it publishes them).
 pub const SWEEP_ROWS: i64 = 50;
 
-const INSERT: &str = "INSERT INTO outbox (owner, subject, msg_id, payload)
+/// The new row, and the deletion of rows already published, in one statement (a statement in
+/// `WITH` that changes data runs whether or not the query reads it).
+const INSERT: &str = "WITH published AS (DELETE FROM outbox WHERE id = ANY($4))
+    INSERT INTO outbox (owner, subject, msg_id, payload)
     VALUES ($1, 'batch', $2, $3) RETURNING id";
 
+const DELETE: &str = "DELETE FROM outbox WHERE id = ANY($1)";
+
 /// Stores `messages` in the outbox inside `tx`, as `owner`'s (only `owner`'s sweeper
-/// republishes them: a service may publish only its own subjects); returns the row id to
-/// [`delete`] after they were published. `key` names the row for inspection (it is not a
-/// message id).
+/// republishes them: a service may publish only its own subjects), and deletes the rows
+/// `published` (taken from [`Published::take`]) with the same statement; returns the new row's
+/// id, to [`Published::push`] once its messages are published. `key` names the row for
+/// inspection (it is not a message id).
 pub async fn insert(
     tx: &deadpool_postgres::Transaction<'_>,
     owner: &str,
     key: &str,
     messages: &[Outgoing],
+    published: &[i64],
 ) -> Result<i64, tokio_postgres::Error> {
     let batch = OutboxBatch {
         messages: messages.iter().map(Outgoing::to_outbox).collect(),
     };
     let statement = tx.prepare_cached(INSERT).await?;
     let row = tx
-        .query_one(&statement, &[&owner, &key, &batch.encode_to_vec()])
+        .query_one(
+            &statement,
+            &[&owner, &key, &batch.encode_to_vec(), &published],
+        )
         .await?;
     Ok(row.get(0))
 }
 
-/// Deletes a published outbox row.
+/// Outbox rows whose messages were published, waiting to be deleted.
 ///
-/// The commit does not wait for its WAL flush (`synchronous_commit = off` for this
-/// transaction only): a delete lost in a crash only makes the sweeper publish the row again,
-/// which the streams deduplicate, and waiting for the disk here held every batch's ack. One
-/// simple query of two statements is one implicit transaction (rolled back whole on an
-/// error), so `SET LOCAL` ends with it and the pooled connection comes back clean.
-pub async fn delete(pool: &Pool, id: i64) -> anyhow::Result<()> {
-    let client = pool.get().await?;
-    client
-        .batch_execute(&format!(
-            "SET LOCAL synchronous_commit = off; DELETE FROM outbox WHERE id = {id}"
-        ))
-        .await?;
-    Ok(())
+/// Deleting each row in a transaction of its own cost the database a transaction and the
+/// owner a round trip per batch, before the batch's ack. The owner's next transaction now
+/// deletes them with its own row ([`insert`]); the sweeper deletes those no transaction took
+/// within its tick ([`Published::flush`]), so a row whose messages went out is not swept (and
+/// published again) only because no transaction followed it. Clones share the rows.
+#[derive(Clone, Debug, Default)]
+pub struct Published(Arc<Mutex<Vec<i64>>>);
+
+impl Published {
+    /// Row `id`'s messages were published: it may be deleted.
+    pub fn push(&self, id: i64) {
+        self.0.lock().expect("published lock").push(id);
+    }
+
+    /// The rows waiting, for a transaction to delete; [`Published::restore`] them if it
+    /// does not commit.
+    pub fn take(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.0.lock().expect("published lock"))
+    }
+
+    /// Rows a transaction took but did not delete wait again.
+    pub fn restore(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            self.0.lock().expect("published lock").extend(ids);
+        }
+    }
+
+    /// Deletes the rows waiting in a transaction of their own; returns how many. The commit
+    /// does not wait for its WAL flush (`synchronous_commit = off` for this transaction only):
+    /// a delete lost in a crash only makes the sweeper publish the rows again, which the
+    /// streams deduplicate. On an error the rows wait again.
+    pub async fn flush(&self, pool: &Pool) -> anyhow::Result<usize> {
+        let ids = self.take();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let deleted = async {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await?;
+            tx.execute(DELETE, &[&ids]).await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        }
+        .await;
+        match deleted {
+            Ok(()) => Ok(ids.len()),
+            Err(error) => {
+                self.restore(ids);
+                Err(error)
+            }
+        }
+    }
 }
 
-/// Sweeps `owner`'s rows every `every` until `shutdown`; a sweep that found a full claim of
-/// rows is followed by the next at once, so leftovers of a NATS outage (hundreds of rows when
-/// every transaction's publish failed for a few seconds) drain at the speed of publishing,
-/// not [`SWEEP_ROWS`] per tick.
+/// Sweeps `owner`'s rows every `every` until `shutdown`, first deleting the rows `published`
+/// that no transaction took (so `every` must be well below `age`); a sweep that found a full
+/// claim of rows is followed by the next at once, so leftovers of a NATS outage (hundreds of
+/// rows when every transaction's publish failed for a few seconds) drain at the speed of
+/// publishing, not [`SWEEP_ROWS`] per tick. The owner flushes `published` once more after its
+/// last transaction.
 pub async fn run(
     js: async_nats::jetstream::Context,
     pool: Pool,
     owner: &'static str,
     every: Duration,
     age: Duration,
+    published: Published,
     shutdown: Shutdown,
 ) {
     let mut ticker = tokio::time::interval(every);
@@ -88,6 +145,9 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
+        }
+        if let Err(error) = published.flush(&pool).await {
+            tracing::warn!(%error, "cannot delete published outbox rows");
         }
         more = match sweep(&js, &pool, owner, age).await {
             Ok(0) => false,
@@ -139,8 +199,7 @@ pub async fn sweep(
         ids.push(id);
     }
     if !ids.is_empty() {
-        tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids])
-            .await?;
+        tx.execute(DELETE, &[&ids]).await?;
     }
     tx.commit().await?;
     match failure {
