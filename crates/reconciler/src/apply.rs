@@ -510,8 +510,9 @@ impl Shared {
     }
 
     /// The publishing half of [`Shared::apply_or_fail`]: publishes what `committed` recorded
-    /// and hands its outbox row to the next transaction to delete. If publishing fails, every applied request is retried
-    /// (nothing is acked, the outbox sweeper publishes the row, a redelivery changes nothing).
+    /// and hands its outbox row to the next transaction to delete. If publishing fails, every
+    /// applied request is retried (nothing is acked, the outbox sweeper publishes the row, a
+    /// redelivery changes nothing).
     async fn publish(
         &self,
         mut outcomes: Vec<Outcome>,
