@@ -1,7 +1,9 @@
 //! Scenario (a): device reports end to end. Devices (simulated with request/reply, as the
 //! device client does it) send reports through the requestor and reconciler, run as separate
-//! processes, into PostgreSQL, while the audit service stores every resulting audit event. Each device sends its reports one at a time, as the protocol
-//! asks; `concurrency` devices are active at once.
+//! processes, into PostgreSQL, while the audit service stores every resulting audit event.
+//! Each device sends its reports one at a time, as the protocol asks; `concurrency` devices
+//! are active at once. Scenario (c) paces reports at half the peak with refreshes beside them
+//! and notes what PostgreSQL's autovacuum did meanwhile.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -76,6 +78,56 @@ pub struct PacedFigures {
     /// two scrapes; bucket upper bounds, buckets 1.5 times apart).
     pub to_db_p50_ms: Option<f64>,
     pub to_db_p99_ms: Option<f64>,
+    /// What PostgreSQL's autovacuum did meanwhile (the largest cause of this scenario's
+    /// variance from run to run).
+    pub autovacuum: Option<AutovacuumFigures>,
+}
+
+/// PostgreSQL's autovacuum workers over a scenario, sampled every [`AUTOVACUUM_SAMPLE`]: it
+/// runs when the tables it watches have changed enough, which after scenario a is at a time
+/// of its own choosing, and takes a good part of a core while it runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AutovacuumFigures {
+    /// Share of the samples in which at least one autovacuum worker was running.
+    pub busy_share: f64,
+    /// What the workers were doing (`VACUUM public.devices`, ...), each once, in order.
+    pub work: Vec<String>,
+}
+
+/// How often [`watch_autovacuum`] looks.
+const AUTOVACUUM_SAMPLE: Duration = Duration::from_millis(500);
+
+/// Samples `pg_stat_activity` for autovacuum workers until `stop`.
+async fn watch_autovacuum(
+    client: &tokio_postgres::Client,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<AutovacuumFigures> {
+    let mut ticker = tokio::time::interval(AUTOVACUUM_SAMPLE);
+    let (mut samples, mut busy) = (0u32, 0u32);
+    let mut work = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let rows = client
+            .query(
+                "SELECT regexp_replace(query, '^autovacuum: ', '') FROM pg_stat_activity
+                 WHERE backend_type = 'autovacuum worker' AND coalesce(query, '') <> ''",
+                &[],
+            )
+            .await
+            .context("sample autovacuum workers")?;
+        samples += 1;
+        if !rows.is_empty() {
+            busy += 1;
+        }
+        work.extend(rows.iter().map(|row| row.get::<_, String>(0)));
+    }
+    Ok(AutovacuumFigures {
+        busy_share: f64::from(busy) / f64::from(samples.max(1)),
+        work: work.into_iter().collect(),
+    })
 }
 
 /// The percentiles drawn in the latency chart.
@@ -185,6 +237,7 @@ async fn paced_reports(
         ingress_p99_ms: latency.value_at_quantile(0.99) as f64 / 1000.0,
         to_db_p50_ms: None,
         to_db_p99_ms: None,
+        autovacuum: None,
     })
 }
 
@@ -491,9 +544,26 @@ pub async fn run(
     let before_paced = reconciler.metrics().await.unwrap_or_default();
     let refresh_half =
         RefreshProbe::start(&requestor, nats_url, devices, Duration::from_secs(5)).await?;
-    let (half_load, refresh_half_load) = tokio::join!(paced, refresh_half.finish(&requestor));
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let paced = async {
+        let figures = paced.await;
+        stop_watching.cancel();
+        figures
+    };
+    let (half_load, refresh_half_load, autovacuum) = tokio::join!(
+        paced,
+        refresh_half.finish(&requestor),
+        watch_autovacuum(&client, stop_watching.clone())
+    );
     let mut half_load = half_load.ok();
     if let Some(paced) = half_load.as_mut() {
+        paced.autovacuum = match autovacuum {
+            Ok(figures) => Some(figures),
+            Err(error) => {
+                eprintln!("scenario c: autovacuum not sampled: {error:#}");
+                None
+            }
+        };
         // Every paced report applied, then its share of the reconciler's histogram.
         reconciler
             .wait_for_counter(

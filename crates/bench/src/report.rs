@@ -158,6 +158,13 @@ impl Results {
                     ms(paced.to_db_p50_ms),
                     ms(paced.to_db_p99_ms)
                 );
+                if let Some(autovacuum) = &paced.autovacuum {
+                    let _ = writeln!(
+                        out,
+                        "| scenario c: PostgreSQL autovacuum running (share of 0.5 s samples: what) | {} | |",
+                        autovacuum_cell(autovacuum)
+                    );
+                }
             }
             for (label, figures) in [
                 (
@@ -315,5 +322,39 @@ impl Results {
         let md = out.join(format!("{stamp}.md"));
         std::fs::write(&md, self.markdown(chart.as_deref()))?;
         Ok(md)
+    }
+}
+
+/// `35% (VACUUM public.devices; ANALYZE public.audit_events_20261125)`, or `none`.
+fn autovacuum_cell(autovacuum: &e2e::AutovacuumFigures) -> String {
+    if autovacuum.work.is_empty() {
+        return "none".into();
+    }
+    format!(
+        "{:.0}% ({})",
+        autovacuum.busy_share * 100.0,
+        autovacuum.work.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::autovacuum_cell;
+    use crate::e2e::AutovacuumFigures;
+
+    #[test]
+    fn the_autovacuum_cell_says_how_often_and_what() {
+        assert_eq!(autovacuum_cell(&AutovacuumFigures::default()), "none");
+        let busy = AutovacuumFigures {
+            busy_share: 0.35,
+            work: vec![
+                "VACUUM public.devices".into(),
+                "ANALYZE public.audit_events_20261125".into(),
+            ],
+        };
+        assert_eq!(
+            autovacuum_cell(&busy),
+            "35% (VACUUM public.devices; ANALYZE public.audit_events_20261125)"
+        );
     }
 }
