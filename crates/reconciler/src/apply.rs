@@ -258,7 +258,7 @@ impl Applier {
                 }
             }
             // Committed: the next transaction may start while this one's outputs are
-            // published (waiting for JetStream's acks) and its outbox row deleted.
+            // published (waiting for JetStream's acks); it deletes this one's outbox row.
             self.running.fetch_sub(1, Ordering::SeqCst);
             self.committed.notify_waiters();
             drop(slot);

@@ -282,8 +282,9 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
     let task = tokio::spawn(async move {
         owner.run(assign_rx, owner_shutdown).await;
         let _ = sweeper.await;
-        // What the last transactions published; a row left here is published again by the
-        // next sweeper, which the streams deduplicate.
+        // What the last transactions published; a row left here (the flush failed) is
+        // published again by the next sweeper, a duplicate the streams drop within their
+        // duplicate window.
         if let Err(error) = flush.published.flush(&flush.pool).await {
             tracing::warn!(%error, "cannot delete published outbox rows");
         }

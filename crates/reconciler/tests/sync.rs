@@ -105,16 +105,60 @@ async fn a_report_is_applied_once_despite_retries_and_redeliveries() {
         .count();
     assert_eq!(applied, 2, "one audit event per applied report");
 
-    // Each batch's outbox row, once published, went with the next batch's insert; the last
-    // one, with no batch after it, with the sweeper's tick.
-    wait_for(
-        Duration::from_secs(10),
-        "the published outbox rows deleted",
-        || async { (stack.scalar("SELECT count(*) FROM outbox").await == 0).then_some(()) },
-    )
-    .await;
-
     reconciler.stop().await;
+    requestor.stop().await;
+}
+
+async fn outbox_ids(stack: &Stack) -> Vec<i64> {
+    let client = stack.db.pool.get().await.unwrap();
+    client
+        .query("SELECT id FROM outbox ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_published_outbox_row_goes_with_the_next_transaction_or_at_shutdown() {
+    let stack = Stack::start().await;
+    stack.register(&["d1"]).await;
+    let requestor = stack.requestor(stack.requestor_settings()).await;
+    // No sweeper tick within the test: only transactions and the shutdown delete rows.
+    let mut settings = stack.reconciler_settings("r1");
+    settings.reconciler.outbox_sweep_every = Duration::from_secs(3600);
+    settings.reconciler.outbox_age = Duration::from_secs(7200);
+    let shutdown = devsync_runtime::Shutdown::new();
+    let reconciler = devsync_reconciler::start(settings, shutdown.clone())
+        .await
+        .unwrap();
+    let device = stack.device("d1").await;
+    device.report(&json!({"temp": 20}), false).await.unwrap();
+    stack.wait_reported("d1", 1).await;
+    let first = outbox_ids(&stack).await;
+    assert_eq!(
+        first.len(),
+        1,
+        "the batch's row waits for the next transaction"
+    );
+
+    device.report(&json!({"temp": 21}), false).await.unwrap();
+    stack.wait_reported("d1", 2).await;
+    let second = outbox_ids(&stack).await;
+    assert_eq!(
+        second.len(),
+        1,
+        "the first row went with the second batch's insert"
+    );
+    assert_ne!(second, first);
+
+    shutdown.cancel();
+    reconciler.wait().await.unwrap();
+    assert!(
+        outbox_ids(&stack).await.is_empty(),
+        "the last row deleted at shutdown"
+    );
     requestor.stop().await;
 }
 

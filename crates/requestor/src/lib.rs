@@ -272,7 +272,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         let _ = outbox.await;
         let _ = scheduler.await;
         // The campaign drivers' last published rows (left here, the next sweeper publishes
-        // them again and the stream drops them).
+        // them again, a duplicate the stream drops within its duplicate window).
         if let Err(error) = published.flush(&service.pool).await {
             tracing::warn!(%error, "cannot delete published outbox rows");
         }

@@ -53,6 +53,7 @@ async fn two_drivers_racing_over_one_campaign_dispatch_each_device_once() {
         ..SchedulerSettings::default()
     };
     let shutdown = Shutdown::new();
+    let published = devsync_runtime::outbox::Published::default();
     let drivers: Vec<_> = ["a", "b"]
         .into_iter()
         .map(|instance| {
@@ -63,7 +64,7 @@ async fn two_drivers_racing_over_one_campaign_dispatch_each_device_once() {
                 auditor,
                 settings.clone(),
                 "race-1".into(),
-                devsync_runtime::outbox::Published::default(),
+                published.clone(),
             );
             tokio::spawn(driver.run(shutdown.clone()))
         })
@@ -122,4 +123,8 @@ async fn two_drivers_racing_over_one_campaign_dispatch_each_device_once() {
         handed.values().all(|n| *n == 1),
         "no device handed over twice"
     );
+    // Every batch's outbox row, once published, was listed for deletion: the drivers' later
+    // transactions deleted all but the last ones, a flush (the sweeper's job) the rest.
+    published.flush(&stack.db.pool).await.unwrap();
+    assert_eq!(stack.scalar("SELECT count(*) FROM outbox").await, 0);
 }

@@ -27,10 +27,18 @@ const CLAIM: &str = "SELECT id, payload FROM outbox
 pub const SWEEP_ROWS: i64 = 50;
 
 /// The new row, and the deletion of rows already published, in one statement (a statement in
-/// `WITH` that changes data runs whether or not the query reads it).
-const INSERT: &str = "WITH published AS (DELETE FROM outbox WHERE id = ANY($4))
+/// `WITH` that changes data runs whether or not the query reads it). A published row another
+/// transaction holds is skipped rather than waited for (the batch holds its devices' locks):
+/// a sweeper that claimed it deletes it, and otherwise it is swept once `age` old.
+const INSERT: &str = "WITH published AS (
+        DELETE FROM outbox WHERE id IN (
+            SELECT id FROM outbox WHERE id = ANY($4) FOR UPDATE SKIP LOCKED))
     INSERT INTO outbox (owner, subject, msg_id, payload)
     VALUES ($1, 'batch', $2, $3) RETURNING id";
+
+/// Deletes published rows, skipping any another transaction holds (as [`INSERT`] does).
+const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)";
 
 const DELETE: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
@@ -88,10 +96,12 @@ impl Published {
         }
     }
 
-    /// Deletes the rows waiting in a transaction of their own; returns how many. The commit
-    /// does not wait for its WAL flush (`synchronous_commit = off` for this transaction only):
-    /// a delete lost in a crash only makes the sweeper publish the rows again, which the
-    /// streams deduplicate. On an error the rows wait again.
+    /// Deletes the rows waiting in a transaction of their own; returns how many were waiting.
+    /// The commit does not wait for its WAL flush (`synchronous_commit = off` for this
+    /// transaction only): a delete lost in a crash only makes a sweeper publish the rows
+    /// again, which the streams drop as duplicates when that happens within their duplicate
+    /// window (2 minutes; audit events and stages are idempotent beyond it too). On an error
+    /// the rows wait again.
     pub async fn flush(&self, pool: &Pool) -> anyhow::Result<usize> {
         let ids = self.take();
         if ids.is_empty() {
@@ -102,7 +112,7 @@ impl Published {
             let tx = client.transaction().await?;
             tx.batch_execute("SET LOCAL synchronous_commit = off")
                 .await?;
-            tx.execute(DELETE, &[&ids]).await?;
+            tx.execute(DELETE_PUBLISHED, &[&ids]).await?;
             tx.commit().await?;
             anyhow::Ok(())
         }
