@@ -959,26 +959,12 @@ impl Shared {
                 .await?;
         }
         let messages = out.finish(&self.auditor);
-        // Earlier batches' published rows go with this one's: they wait again should it not
-        // commit.
-        let mut published = Vec::new();
-        let outbox_id = if messages.is_empty() {
-            None
-        } else {
-            let key = format!("batch:{}", requests[0].request_id);
-            published = self.published.take();
-            match outbox::insert(&tx, OUTBOX_OWNER, &key, &messages, &published).await {
-                Ok(id) => Some(id),
-                Err(error) => {
-                    self.published.restore(published);
-                    return Err(error.into());
-                }
-            }
-        };
-        if let Err(error) = tx.commit().await {
-            self.published.restore(published);
-            return Err(error.into());
-        }
+        // Earlier batches' published rows are deleted with this one's.
+        let key = format!("batch:{}", requests[0].request_id);
+        let outbox_id = self
+            .published
+            .commit(tx, OUTBOX_OWNER, &key, &messages)
+            .await?;
         Ok(Committed {
             outbox_id,
             messages,

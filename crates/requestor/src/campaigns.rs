@@ -621,10 +621,7 @@ impl Driver {
             .map(|(id, _)| id.clone())
             .collect();
         sent.sort();
-        let mut outbox_id = None;
         let mut messages = Vec::new();
-        // Outbox rows of batches already published go with this transaction's own.
-        let mut published = Vec::new();
         if let Some(first) = sent.first() {
             let msg_id = format!("campaign:{}:{first}", self.id);
             let message = CampaignBatch {
@@ -645,27 +642,17 @@ impl Driver {
                 payload: message.encode_to_vec().into(),
                 headers: Some(headers),
             });
-            published = self.published.take();
-            let inserted = outbox::insert(
-                &tx,
+        }
+        // Outbox rows of batches already published are deleted with this one's.
+        let outbox_id = self
+            .published
+            .commit(
+                tx,
                 OUTBOX_OWNER,
                 &format!("campaign:{}", self.id),
                 &messages,
-                &published,
             )
-            .await;
-            match inserted {
-                Ok(id) => outbox_id = Some(id),
-                Err(error) => {
-                    self.published.restore(published);
-                    return Err(error.into());
-                }
-            }
-        }
-        if let Err(error) = tx.commit().await {
-            self.published.restore(published);
-            return Err(error.into());
-        }
+            .await?;
         if let Some(id) = outbox_id {
             // After commit: if this fails, the outbox sweeper publishes the batch.
             publish::publish_all(&self.js, messages).await?;

@@ -96,6 +96,37 @@ impl Published {
         }
     }
 
+    /// Stores `messages` (when there are any) in the outbox inside `tx` as `owner`'s with
+    /// [`insert`], deleting the rows waiting here in the same statement, and commits `tx`;
+    /// returns the new row's id, to [`Published::push`] once its messages are published.
+    /// Should the transaction not commit, the rows wait again.
+    pub async fn commit(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        owner: &str,
+        key: &str,
+        messages: &[Outgoing],
+    ) -> Result<Option<i64>, tokio_postgres::Error> {
+        let published = if messages.is_empty() {
+            Vec::new()
+        } else {
+            self.take()
+        };
+        let committed = async {
+            let id = match messages {
+                [] => None,
+                _ => Some(insert(&tx, owner, key, messages, &published).await?),
+            };
+            tx.commit().await?;
+            Ok(id)
+        }
+        .await;
+        if committed.is_err() {
+            self.restore(published);
+        }
+        committed
+    }
+
     /// Deletes the rows waiting in a transaction of their own; returns how many were waiting.
     /// The commit does not wait for its WAL flush (`synchronous_commit = off` for this
     /// transaction only): a delete lost in a crash only makes a sweeper publish the rows

@@ -134,7 +134,7 @@ async fn row_ids(pool: &deadpool_postgres::Pool) -> Vec<i64> {
 }
 
 #[tokio::test]
-async fn published_rows_go_with_the_next_insert_and_only_those() {
+async fn published_rows_go_with_the_next_insert_and_wait_again_when_it_fails() {
     let db = TestDb::create().await;
     let published = outbox::Published::default();
     let first = insert_row(&db.pool, "test", "outboxtest.first", &published.take()).await;
@@ -152,27 +152,41 @@ async fn published_rows_go_with_the_next_insert_and_only_those() {
         "taken rows are no longer waiting"
     );
 
-    // A transaction that took rows and rolled back gives them back; they are still there.
+    // A transaction that does not commit gives the rows it took back; they are still there.
     published.push(second);
-    let taken = published.take();
-    {
-        let mut client = db.pool.get().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        outbox::insert(
-            &tx,
-            "test",
-            "outboxtest.lost",
-            &[message("outboxtest.lost")],
-            &taken,
-        )
-        .await
-        .unwrap();
-        tx.rollback().await.unwrap();
-    }
-    published.restore(taken);
+    let mut client = db.pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    assert!(tx.batch_execute("SELECT 1/0").await.is_err(), "aborted");
+    let lost = published
+        .commit(tx, "test", "outboxtest.lost", &[message("outboxtest.lost")])
+        .await;
+    assert!(lost.is_err(), "{lost:?}");
     assert_eq!(row_ids(&db.pool).await, vec![other, second]);
 
+    // A transaction with nothing to store leaves them waiting.
+    let tx = client.transaction().await.unwrap();
+    assert_eq!(
+        published.commit(tx, "test", "none", &[]).await.unwrap(),
+        None
+    );
+    assert_eq!(row_ids(&db.pool).await, vec![other, second]);
+
+    // The next that stores a row deletes them with it.
+    let tx = client.transaction().await.unwrap();
+    let third = published
+        .commit(
+            tx,
+            "test",
+            "outboxtest.third",
+            &[message("outboxtest.third")],
+        )
+        .await
+        .unwrap()
+        .expect("a row stored");
+    assert_eq!(row_ids(&db.pool).await, vec![other, third]);
+
     // With no insert to follow, a flush deletes them.
+    published.push(third);
     assert_eq!(published.flush(&db.pool).await.unwrap(), 1);
     assert_eq!(row_ids(&db.pool).await, vec![other]);
     assert_eq!(
