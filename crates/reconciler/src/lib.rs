@@ -285,9 +285,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         // What the last transactions published; a row left here (the flush failed) is
         // published again by the next sweeper, a duplicate the streams drop within their
         // duplicate window.
-        if let Err(error) = flush.published.flush(&flush.pool).await {
-            tracing::warn!(%error, "cannot delete published outbox rows");
-        }
+        flush.published.flush_or_warn(&flush.pool).await;
         let _ = http.task.await;
         tracing::info!("reconciler stopped");
     });

@@ -273,9 +273,7 @@ pub async fn start(settings: Settings, shutdown: Shutdown) -> anyhow::Result<Run
         let _ = scheduler.await;
         // The campaign drivers' last published rows (left here, the next sweeper publishes
         // them again, a duplicate the stream drops within its duplicate window).
-        if let Err(error) = published.flush(&service.pool).await {
-            tracing::warn!(%error, "cannot delete published outbox rows");
-        }
+        published.flush_or_warn(&service.pool).await;
         lease.wait().await;
         let _ = http.task.await;
         tracing::info!("requestor stopped");

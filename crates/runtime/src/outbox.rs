@@ -83,14 +83,14 @@ impl Published {
         self.0.lock().expect("published lock").push(id);
     }
 
-    /// The rows waiting, for a transaction to delete; [`Published::restore`] them if it
-    /// does not commit.
+    /// The rows waiting, for a transaction to delete (they are gone from here: prefer
+    /// [`Published::commit`], which gives them back if the transaction does not commit).
     pub fn take(&self) -> Vec<i64> {
         std::mem::take(&mut *self.0.lock().expect("published lock"))
     }
 
     /// Rows a transaction took but did not delete wait again.
-    pub fn restore(&self, ids: Vec<i64>) {
+    fn restore(&self, ids: Vec<i64>) {
         if !ids.is_empty() {
             self.0.lock().expect("published lock").extend(ids);
         }
@@ -156,6 +156,14 @@ impl Published {
             }
         }
     }
+
+    /// [`Published::flush`], logging a failure (the rows then wait for the next flush, or are
+    /// swept once `age` old).
+    pub async fn flush_or_warn(&self, pool: &Pool) {
+        if let Err(error) = self.flush(pool).await {
+            tracing::warn!(%error, "cannot delete published outbox rows");
+        }
+    }
 }
 
 /// Sweeps `owner`'s rows every `every` until `shutdown`, first deleting the rows `published`
@@ -187,9 +195,7 @@ pub async fn run(
                 _ = ticker.tick() => {}
             }
         }
-        if let Err(error) = published.flush(&pool).await {
-            tracing::warn!(%error, "cannot delete published outbox rows");
-        }
+        published.flush_or_warn(&pool).await;
         more = match sweep(&js, &pool, owner, age).await {
             Ok(0) => false,
             Ok(count) => {
